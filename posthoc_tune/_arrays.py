@@ -1,0 +1,71 @@
+"""Validation and conversion of logits and labels shared by metrics, transforms and the store."""
+
+from __future__ import annotations
+
+from typing import TypeAlias
+
+import numpy as np
+import torch
+
+ArrayLike: TypeAlias = np.ndarray | torch.Tensor
+
+
+def as_logits(
+    logits: object, name: str = "logits", dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """Return ``logits`` as a CPU tensor of ``dtype`` and shape (N, C), N >= 1 and C >= 2.
+
+    Non-finite values are allowed here: callers decide whether they mean NaN metrics or an error.
+    """
+    if isinstance(logits, torch.Tensor):
+        t = logits.detach().to("cpu")
+    elif isinstance(logits, np.ndarray):
+        t = torch.from_numpy(np.ascontiguousarray(logits))
+    else:
+        raise TypeError(
+            f"{name} must be a numpy array or torch tensor, got {type(logits).__name__}"
+        )
+    if t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"{name} must have a real numeric dtype, got {t.dtype}")
+    if t.ndim != 2:
+        raise ValueError(f"{name} must have shape (n_rows, n_classes), got {tuple(t.shape)}")
+    if t.shape[0] == 0:
+        raise ValueError(f"{name} is empty (0 rows); an evaluation split needs at least one row")
+    if t.shape[1] < 2:
+        raise ValueError(f"{name} must have at least 2 classes, got shape {tuple(t.shape)}")
+    return t.to(dtype)
+
+
+def as_labels(labels: object, n_rows: int, n_classes: int, name: str = "labels") -> torch.Tensor:
+    """Return integer class labels as an int64 CPU tensor, checking length and range."""
+    if isinstance(labels, torch.Tensor):
+        t = labels.detach().to("cpu")
+    elif isinstance(labels, np.ndarray):
+        t = torch.from_numpy(np.ascontiguousarray(labels))
+    else:
+        raise TypeError(
+            f"{name} must be a numpy array or torch tensor, got {type(labels).__name__}"
+        )
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise TypeError(f"{name} must have an integer dtype, got {t.dtype}")
+    if t.ndim != 1 or t.shape[0] != n_rows:
+        raise ValueError(
+            f"{name} must have shape ({n_rows},) to match the logits, got {tuple(t.shape)}"
+        )
+    t = t.to(torch.int64)
+    if n_rows:
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= n_classes:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"{name} contain class {bad}, outside [0, {n_classes - 1}] for logits "
+                f"with {n_classes} classes"
+            )
+    return t
+
+
+def to_numpy(x: ArrayLike, dtype: type = np.float32) -> np.ndarray:
+    """Detach a tensor (any device) or pass an array through, as ``dtype``."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().to("cpu").numpy()
+    return np.asarray(x, dtype=dtype)

@@ -1,0 +1,357 @@
+"""PostHocReporter: per-epoch naive and post-hoc metrics from inside a Ray Tune trial.
+
+One ``step()`` per epoch folds the weights into the SWA average, evaluates the live and the SWA
+model on val and test, fits temperature scaling on val, reports
+``{split}/{transform}/{metric}`` for every transform (ensemble keys are NaN here; the driver
+fills them in), stores all logits in the experiment's prediction store, and calls
+``tune.report``. The store write happens before ``tune.report`` because report is the barrier
+after which the driver may read the epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from ray import tune
+
+from posthoc_tune._arrays import ArrayLike, to_numpy
+from posthoc_tune.keys import VARIANTS, metric_keys
+from posthoc_tune.metrics import evaluate
+from posthoc_tune.store import Dtype, PredictionStore
+from posthoc_tune.transforms import TemperatureScaler, WeightAverager
+
+STATE_FILE = "posthoc_state.pt"
+_TS_NAME = {"base": "ts", "swa": "swa+ts"}
+
+
+class Stateful(Protocol):
+    """Anything checkpointable the torch way: optimizers, LR schedulers, GradScalers."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any], /) -> Any: ...
+
+
+Predict = Callable[[torch.nn.Module, str], ArrayLike]
+
+
+class _EvalSplit:
+    """One evaluation split: ``(x, y)`` tensors, a loader of ``(x, y)``, or ``(predict, y)``."""
+
+    def __init__(self, split: str, spec: Any, batch_size: int) -> None:
+        self.split = split
+        self.batch_size = batch_size
+        self._labels: np.ndarray | None = None
+        self._predict: Predict | None = None
+        self._tensors: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._loader: Iterable[Any] | None = None
+        if isinstance(spec, (tuple, list)) and len(spec) == 2 and callable(spec[0]):
+            self._predict = spec[0]
+            self._labels = to_numpy(spec[1], np.int64)
+        elif isinstance(spec, (tuple, list)) and len(spec) == 2:
+            x, y = (torch.as_tensor(v) for v in spec)
+            if x.shape[0] != y.shape[0]:
+                raise ValueError(
+                    f"{split} inputs have {x.shape[0]} rows but {split} labels have {y.shape[0]}"
+                )
+            self._tensors = (x, y)
+            self._labels = to_numpy(y, np.int64)
+        elif isinstance(spec, Iterable) and not isinstance(spec, (str, bytes, Mapping)):
+            self._loader = spec
+        else:
+            raise TypeError(
+                f"{split} must be an (x, y) tuple of tensors, a DataLoader yielding (x, y), or a "
+                f"(predict, labels) pair with predict(model, split) -> logits; "
+                f"got {type(spec).__name__}"
+            )
+        if self._labels is not None and (self._labels.ndim != 1 or self._labels.size == 0):
+            raise ValueError(
+                f"{split} labels must be a non-empty 1-D array, got shape {self._labels.shape}"
+            )
+
+    def inputs(self) -> Iterable[Any] | None:
+        """Model inputs for re-estimating BatchNorm statistics (None for ``predict`` splits)."""
+        if self._tensors is not None:
+            x = self._tensors[0]
+            return [x[i : i + self.batch_size] for i in range(0, x.shape[0], self.batch_size)]
+        return self._loader
+
+    def predict(self, model: torch.nn.Module) -> tuple[np.ndarray, np.ndarray]:
+        """Logits (float32, N x C) and labels (int64) for this split."""
+        if self._predict is not None:
+            logits = to_numpy(self._predict(model, self.split))
+            assert self._labels is not None
+            return logits, self._labels
+        device = next(iter(model.parameters()), torch.empty(0)).device
+        outs, ys = [], []
+        for x, y in self._batches():
+            outs.append(model(x.to(device)).detach().to("cpu", torch.float32))
+            ys.append(torch.as_tensor(y))
+        logits = torch.cat(outs).numpy()
+        labels = torch.cat(ys).numpy().astype(np.int64)
+        if self._labels is None:
+            self._labels = labels
+        elif not np.array_equal(self._labels, labels):
+            raise ValueError(
+                f"the {self.split} loader yielded different labels than in the first epoch; "
+                f"evaluation loaders must not shuffle (use shuffle=False)"
+            )
+        return logits, labels
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, Any]]:
+        if self._tensors is not None:
+            x, y = self._tensors
+            for i in range(0, x.shape[0], self.batch_size):
+                yield x[i : i + self.batch_size], y[i : i + self.batch_size]
+            return
+        assert self._loader is not None
+        for batch in self._loader:
+            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                raise ValueError(
+                    f"the {self.split} loader must yield (inputs, labels) batches, "
+                    f"got {type(batch).__name__}"
+                )
+            yield batch[0], batch[1]
+
+
+@contextlib.contextmanager
+def _evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode without gradients, restoring the caller's train/eval mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _in_tune() -> bool:
+    with warnings.catch_warnings():  # Ray warns when asked outside a trial: that is the question
+        warnings.simplefilter("ignore")
+        return tune.get_context().get_trial_id() is not None
+
+
+class PostHocReporter:
+    """Report naive and post-hoc metrics for every epoch of a Tune trial, and store the logits.
+
+    Args:
+        model: the model being trained (evaluated on its own device).
+        config: the trial's config; stored as metadata with its group key and seed.
+        val: ``(x, y)`` tensors, a DataLoader of ``(x, y)`` (no shuffling), or a
+            ``(predict, labels)`` pair where ``predict(model, "val")`` returns logits.
+        test: same forms as ``val``; optional (test keys are then NaN).
+        store: a :class:`PredictionStore`, an experiment path/URI, or None: inside Tune the
+            experiment's own storage (``storage_path``/``storage_filesystem``), outside Tune
+            no store.
+        seed_key: config key holding the seed; trials differing only in it form a group.
+        swa_start_epoch: first epoch in the SWA average (1 = whole trajectory, as the paper).
+            Before it the ``swa*`` metrics are NaN and no SWA logits are stored.
+        bn_loader: inputs for re-estimating the SWA model's BatchNorm statistics: ``"val"``
+            (the val inputs, as the paper), another iterable, or None to skip.
+        checkpoint: objects to checkpoint with the model, e.g. ``{"optimizer": opt}``. When
+            given (even empty), every ``checkpoint_every`` epochs the reporter passes a
+            checkpoint of model, SWA state and these objects to ``tune.report``, and on a retry
+            it restores them from ``tune.get_checkpoint()`` at construction, so the loop
+            continues from ``reporter.epoch`` with an exact SWA average.
+        checkpoint_every: epochs between checkpoints.
+        eval_batch_size: batch size for ``(x, y)`` tensor splits.
+        trial_id: trial id outside Tune (inside Tune, Tune's trial id is used).
+        store_dtype: ``"float32"`` or ``"float16"`` for the store opened by the reporter.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: Mapping[str, Any],
+        *,
+        val: Any,
+        test: Any = None,
+        store: PredictionStore | str | os.PathLike[str] | None = None,
+        seed_key: str = "seed",
+        swa_start_epoch: int = 1,
+        bn_loader: Iterable[Any] | str | None = "val",
+        checkpoint: Mapping[str, Stateful] | None = None,
+        checkpoint_every: int = 1,
+        eval_batch_size: int = 1024,
+        trial_id: str = "local",
+        store_dtype: Dtype = "float32",
+    ) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(config, Mapping):
+            raise TypeError(f"config must be a mapping, got {type(config).__name__}")
+        for name, value in (
+            ("checkpoint_every", checkpoint_every),
+            ("eval_batch_size", eval_batch_size),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        self.model = model
+        self.splits = {"val": _EvalSplit("val", val, eval_batch_size)}
+        if test is not None:
+            self.splits["test"] = _EvalSplit("test", test, eval_batch_size)
+        self.swa = WeightAverager(model, start_epoch=swa_start_epoch)
+        self._bn_inputs = self._resolve_bn_loader(bn_loader)
+        self._scalers = {v: TemperatureScaler(warm_start=True) for v in VARIANTS}
+        self._checkpoint = dict(checkpoint) if checkpoint is not None else None
+        self.checkpoint_every = checkpoint_every
+        self.epoch = 0
+        self._labels_written = False
+
+        self.in_tune = _in_tune()
+        self.trial_id = tune.get_context().get_trial_id() if self.in_tune else trial_id
+        if isinstance(store, PredictionStore):
+            self.store: PredictionStore | None = store
+        elif store is not None:
+            self.store = PredictionStore.open(store, dtype=store_dtype)
+        elif self.in_tune:
+            storage = tune.get_context().get_storage()
+            self.store = PredictionStore(
+                storage.storage_filesystem, storage.experiment_fs_path, dtype=store_dtype
+            )
+        else:
+            self.store = None
+        if self.store is not None:
+            self.store.write_metadata(self.trial_id, config, seed_key)
+        if self.in_tune and self._checkpoint is not None:
+            ckpt = tune.get_checkpoint()
+            if ckpt is not None:
+                with ckpt.as_directory() as directory:
+                    self.load_state_dict(self._load(os.path.join(directory, STATE_FILE)))
+
+    def _resolve_bn_loader(self, bn_loader: Iterable[Any] | str | None) -> Iterable[Any] | None:
+        if bn_loader is None or not self.swa.has_batchnorm:
+            return None
+        if bn_loader == "val":
+            inputs = self.splits["val"].inputs()
+            if inputs is None:
+                raise ValueError(
+                    "the model has BatchNorm layers and val is a (predict, labels) pair, so SWA "
+                    "has no val inputs to re-estimate BatchNorm statistics on: pass bn_loader="
+                    "an iterable of input batches, or bn_loader=None to skip re-estimation"
+                )
+            return inputs
+        if isinstance(bn_loader, str) or not isinstance(bn_loader, Iterable):
+            raise TypeError(
+                f"bn_loader must be 'val', an iterable of input batches, or None; got {bn_loader!r}"
+            )
+        return bn_loader
+
+    # -- the per-epoch step -------------------------------------------------------------------
+
+    def step(self, metrics: Mapping[str, Any] | None = None) -> dict[str, float]:
+        """Finish one epoch: SWA update, evaluation, TS, store write, ``tune.report``.
+
+        ``metrics`` are extra values to report (e.g. the training loss). Returns everything
+        reported, as floats.
+        """
+        extra = self._extra_metrics(metrics)
+        self.epoch += 1
+        self.swa.update(self.model)
+        variants = {"base": self.model}
+        if self.swa.active:
+            if self._bn_inputs is not None:
+                self.swa.update_bn(self._bn_inputs)
+            variants["swa"] = self.swa.model
+
+        logits: dict[tuple[str, str], np.ndarray] = {}
+        labels: dict[str, np.ndarray] = {}
+        for variant, module in variants.items():
+            with _evaluating(module):
+                for split, source in self.splits.items():
+                    logits[(split, variant)], labels[split] = source.predict(module)
+
+        result = dict.fromkeys(metric_keys(), math.nan)
+        result["epoch"] = self.epoch
+        for variant in VARIANTS:
+            result[f"temperature/{variant}"] = math.nan
+        for variant in variants:
+            scaler = self._scalers[variant].fit(logits[("val", variant)], labels["val"])
+            result[f"temperature/{variant}"] = scaler.temperature_
+            for split in self.splits:
+                raw = logits[(split, variant)]
+                for name, z in ((variant, raw), (_TS_NAME[variant], scaler.transform(raw))):
+                    for metric, value in evaluate(z, labels[split]).items():
+                        result[f"{split}/{name}/{metric}"] = value
+        result.update(extra)
+
+        if self.store is not None:
+            if not self._labels_written:
+                for split, y in labels.items():
+                    self.store.write_labels(split, y)
+                self._labels_written = True
+            self.store.write_epoch(self.trial_id, self.epoch, logits)
+        if self.in_tune:
+            self._report(result)
+        return result
+
+    def _extra_metrics(self, metrics: Mapping[str, Any] | None) -> dict[str, float]:
+        if metrics is None:
+            return {}
+        reserved = set(metric_keys()) | {"epoch", "temperature/base", "temperature/swa"}
+        clash = sorted(set(metrics) & reserved)
+        if clash:
+            raise ValueError(f"extra metrics {clash} clash with keys the reporter sets")
+        out = {}
+        for key, value in metrics.items():
+            try:
+                out[str(key)] = float(value.item() if isinstance(value, torch.Tensor) else value)
+            except (TypeError, ValueError, RuntimeError):
+                raise TypeError(f"extra metric {key!r} must be a scalar, got {value!r}") from None
+        return out
+
+    def _report(self, result: dict[str, float]) -> None:
+        if self._checkpoint is None or self.epoch % self.checkpoint_every:
+            tune.report(result)
+            return
+        with tempfile.TemporaryDirectory() as directory:
+            torch.save(self.state_dict(), os.path.join(directory, STATE_FILE))
+            tune.report(result, checkpoint=tune.Checkpoint.from_directory(directory))
+
+    # -- checkpointing ------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Model, SWA average, epoch, warm-start temperatures and the ``checkpoint`` objects."""
+        return {
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "swa": self.swa.state_dict(),
+            "temperatures": {v: getattr(s, "temperature_", None) for v, s in self._scalers.items()},
+            "objects": {k: obj.state_dict() for k, obj in (self._checkpoint or {}).items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; the next :meth:`step` is epoch ``state['epoch'] + 1``."""
+        names = set(self._checkpoint or {})
+        if set(state["objects"]) != names:
+            raise ValueError(
+                f"checkpoint holds objects {sorted(state['objects'])}, the reporter was given "
+                f"{sorted(names)}"
+            )
+        self.model.load_state_dict(state["model"])
+        self.swa.load_state_dict(state["swa"])
+        for name, obj in (self._checkpoint or {}).items():
+            obj.load_state_dict(state["objects"][name])
+        for variant, temperature in state["temperatures"].items():
+            if temperature is not None:
+                scaler = self._scalers[variant]
+                scaler.temperature_, scaler.fallback_ = float(temperature), False
+        self.epoch = int(state["epoch"])
+        self._labels_written = False
+
+    def _load(self, path: str) -> dict[str, Any]:
+        device = next(iter(self.model.parameters()), torch.empty(0)).device
+        state: dict[str, Any] = torch.load(path, map_location=device, weights_only=True)
+        return state
+
+
+__all__ = ["PostHocReporter"]

@@ -1,0 +1,389 @@
+"""The prediction store: every trial's per-epoch val/test logits, in open Parquet files.
+
+The store is the contract between the trial side (the reporter writes) and the driver side
+(schedulers, searchers and tables read). It works on any ``pyarrow.fs`` filesystem: a local
+path, ``s3://...``, GCS, HDFS, or a ``SubTreeFileSystem``. Layout and schema are documented in
+``docs/store.md`` so pandas, pyarrow or DuckDB can read a store without this package.
+
+Guarantees: one file per (trial, epoch); each file is published atomically (written under a
+hidden temporary name, then moved; object stores publish on close), so readers never see a
+partial file and a retried epoch replaces the old file instead of duplicating it. Nothing is
+unpickled: data is Parquet, metadata JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import posixpath
+import re
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from posthoc_tune._arrays import ArrayLike, to_numpy
+from posthoc_tune.groups import group_key, jsonable
+from posthoc_tune.keys import SPLITS, VARIANTS, check_name
+
+FORMAT_VERSION = 1
+STORE_DIR = "posthoc"
+_EPOCH_FILE = re.compile(r"^epoch_(\d{6})\.parquet$")
+_META_FILE = re.compile(r"^([^.].*)\.json$")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+_ATOMIC_PUT = {"s3", "gcs", "abfs"}  # filesystems whose uploads become visible only on close
+
+Dtype = Literal["float32", "float16"]
+PartKey = tuple[str, str]  # (split, variant)
+
+
+class StoreError(OSError):
+    """The store cannot be reached or holds something other than this format expects."""
+
+
+class PredictionStore:
+    """Read and write an experiment's stored predictions.
+
+    Use :meth:`open` with an experiment path or URI; the store lives in its ``posthoc/``
+    folder. ``dtype`` sets how new logits are written (``float16`` halves the disk footprint;
+    values beyond +-65504 become inf). Reads always return float32.
+    """
+
+    def __init__(
+        self, filesystem: pafs.FileSystem, experiment_path: str, *, dtype: Dtype = "float32"
+    ) -> None:
+        if dtype not in ("float32", "float16"):
+            raise ValueError(f"unknown store dtype {dtype!r}; expected 'float32' or 'float16'")
+        self.filesystem = filesystem
+        self.experiment_path = experiment_path.rstrip("/")
+        self.root = posixpath.join(self.experiment_path, STORE_DIR)
+        self.dtype: Dtype = dtype
+        self._labels: dict[str, np.ndarray] = {}
+        self._atomic_put = _base_type_name(filesystem) in _ATOMIC_PUT
+
+    @classmethod
+    def open(
+        cls,
+        experiment: str | os.PathLike[str],
+        *,
+        filesystem: pafs.FileSystem | None = None,
+        dtype: Dtype = "float32",
+    ) -> PredictionStore:
+        """Open an experiment's store, given a local path, a URI, or a path on ``filesystem``.
+
+        Raises :class:`StoreError` naming the location when it cannot be reached.
+        """
+        path = os.fspath(experiment)
+        try:
+            if filesystem is None:
+                if "://" not in path:
+                    path = os.path.abspath(os.path.expanduser(path))
+                filesystem, path = pafs.FileSystem.from_uri(path)
+            filesystem.get_file_info(path)
+        except Exception as err:
+            raise StoreError(f"cannot reach the prediction store at {experiment!r}: {err}") from err
+        return cls(filesystem, path, dtype=dtype)
+
+    # -- labels -----------------------------------------------------------------------------
+
+    def write_labels(self, split: str, labels: ArrayLike) -> None:
+        """Store a split's labels; re-writing identical labels is a no-op, different ones an error.
+
+        Every trial of an experiment must share the val and test rows: ensembles and tables
+        compare trials row by row.
+        """
+        check_name("split", split, SPLITS)
+        y = to_numpy(labels, np.int64)
+        if y.ndim != 1 or y.size == 0:
+            raise ValueError(f"{split} labels must be a non-empty 1-D array, got shape {y.shape}")
+        if y.min() < 0:
+            raise ValueError(f"{split} labels must be >= 0, got {int(y.min())}")
+        existing = self._read_labels(split)
+        if existing is not None:
+            if not np.array_equal(existing, y):
+                raise ValueError(
+                    f"{split} labels differ from those already stored in {self.root!r} "
+                    f"({y.size} vs {existing.size} rows): all trials must share the {split} rows "
+                    f"in the same order"
+                )
+            return
+        table = pa.table({"row": pa.array(np.arange(y.size, dtype=np.int32)), "label": y})
+        self._write_parquet(self._labels_path(split), table)
+        self._labels[split] = y
+
+    def labels(self, split: str) -> np.ndarray:
+        """A split's labels as an int64 array."""
+        check_name("split", split, SPLITS)
+        y = self._read_labels(split)
+        if y is None:
+            raise KeyError(f"no {split} labels in the store at {self.root!r}")
+        return y
+
+    def _read_labels(self, split: str) -> np.ndarray | None:
+        if split not in self._labels:
+            path = self._labels_path(split)
+            if not self._exists(path):
+                return None
+            table = pq.read_table(path, filesystem=self.filesystem)
+            self._labels[split] = table.column("label").to_numpy().astype(np.int64)
+        return self._labels[split]
+
+    # -- metadata ---------------------------------------------------------------------------
+
+    def write_metadata(
+        self, trial_id: str, config: Mapping[str, Any], seed_key: str = "seed"
+    ) -> None:
+        """Store a trial's config, group key and seed (``None`` when the config has no seed)."""
+        _check_id(trial_id)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "trial_id": trial_id,
+            "group": group_key(config, seed_key),
+            "seed_key": seed_key,
+            "seed": jsonable(config.get(seed_key)),
+            "config": jsonable(dict(config)),
+        }
+        data = json.dumps(meta, sort_keys=True, indent=1).encode()
+        self._publish(self._meta_path(trial_id), _write_bytes(data))
+
+    def metadata(self, trial_id: str) -> dict[str, Any]:
+        """A trial's metadata: trial_id, group, seed_key, seed, config, format_version."""
+        _check_id(trial_id)
+        try:
+            with self.filesystem.open_input_stream(self._meta_path(trial_id)) as f:
+                return dict(json.loads(f.read()))
+        except FileNotFoundError:
+            raise KeyError(f"no metadata for trial {trial_id!r} in {self.root!r}") from None
+
+    # -- logits -----------------------------------------------------------------------------
+
+    def write_epoch(self, trial_id: str, epoch: int, logits: Mapping[PartKey, ArrayLike]) -> None:
+        """Write all of one epoch's logits as one file, replacing any earlier file for the epoch.
+
+        ``logits`` maps ``(split, variant)`` to an (N, C) array; N must match the split's
+        stored labels when they exist, and every part must have the same C.
+        """
+        _check_id(trial_id)
+        _check_epoch(epoch)
+        if not logits:
+            raise ValueError(f"nothing to write for trial {trial_id!r} epoch {epoch}")
+        parts = {}
+        n_classes = None
+        for (split, variant), value in logits.items():
+            check_name("split", split, SPLITS)
+            check_name("variant", variant, VARIANTS)
+            arr = to_numpy(value, np.float32)
+            if arr.ndim != 2 or arr.shape[0] == 0:
+                raise ValueError(
+                    f"{split}/{variant} logits must have shape (n_rows, n_classes) with rows, "
+                    f"got {arr.shape}"
+                )
+            if n_classes is not None and arr.shape[1] != n_classes:
+                raise ValueError(
+                    f"{split}/{variant} logits have {arr.shape[1]} classes, other parts of the "
+                    f"same epoch have {n_classes}"
+                )
+            n_classes = arr.shape[1]
+            y = self._read_labels(split)
+            if y is not None and (y.size != arr.shape[0] or y.max() >= n_classes):
+                raise ValueError(
+                    f"{split}/{variant} logits of shape {arr.shape} do not fit the stored "
+                    f"{split} labels ({y.size} rows, classes up to {int(y.max())})"
+                )
+            parts[(split, variant)] = arr
+        self._write_parquet(
+            self._epoch_path(trial_id, epoch), self._epoch_table(trial_id, epoch, parts)
+        )
+
+    def write(self, trial_id: str, epoch: int, split: str, variant: str, logits: ArrayLike) -> None:
+        """Write one (split, variant) part of an epoch, keeping the epoch's other parts.
+
+        The epoch file is rewritten whole (read, merge, publish) to keep one atomic file per
+        epoch; prefer :meth:`write_epoch` when all parts are at hand.
+        """
+        merged: dict[PartKey, ArrayLike] = {}
+        if epoch in self.epochs(trial_id):
+            merged.update(self.read_epoch(trial_id, epoch))
+        merged[(split, variant)] = logits
+        self.write_epoch(trial_id, epoch, merged)
+
+    def read_epoch(self, trial_id: str, epoch: int) -> dict[PartKey, np.ndarray]:
+        """All stored parts of one epoch as ``{(split, variant): float32 (N, C) array}``."""
+        table = self._read_table(trial_id, epoch, filters=None)
+        out = {}
+        for split in SPLITS:
+            for variant in VARIANTS:
+                mask = pc.and_(
+                    pc.equal(table["split"], split),
+                    pc.equal(table["variant"], variant),
+                )
+                part = table.filter(mask)
+                if part.num_rows:
+                    out[(split, variant)] = _logits_to_numpy(part.column("logits"))
+        return out
+
+    def read(self, trial_id: str, epoch: int, split: str, variant: str) -> np.ndarray:
+        """One part's logits as a float32 (N, C) array; ``KeyError`` if absent."""
+        check_name("split", split, SPLITS)
+        check_name("variant", variant, VARIANTS)
+        table = self._read_table(
+            trial_id, epoch, filters=[("split", "=", split), ("variant", "=", variant)]
+        )
+        if table.num_rows == 0:
+            raise KeyError(f"trial {trial_id!r} epoch {epoch} has no {split}/{variant} logits")
+        return _logits_to_numpy(table.column("logits"))
+
+    def trials(self) -> list[str]:
+        """Ids of the trials with metadata or logits in the store, sorted."""
+        with_logits = {
+            i.base_name
+            for i in self._list(posixpath.join(self.root, "logits"))
+            if i.type == pafs.FileType.Directory
+        }
+        names = (i.base_name for i in self._list(posixpath.join(self.root, "meta")))
+        with_meta = {m.group(1) for m in map(_META_FILE.match, names) if m}
+        return sorted(with_logits | with_meta)
+
+    def epochs(self, trial_id: str) -> list[int]:
+        """The published epochs of a trial, ascending (temporary files are never listed)."""
+        _check_id(trial_id)
+        names = (i.base_name for i in self._list(self._logits_dir(trial_id)))
+        return sorted(int(m.group(1)) for m in map(_EPOCH_FILE.match, names) if m)
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _logits_dir(self, trial_id: str) -> str:
+        return posixpath.join(self.root, "logits", trial_id)
+
+    def _epoch_path(self, trial_id: str, epoch: int) -> str:
+        return posixpath.join(self._logits_dir(trial_id), f"epoch_{epoch:06d}.parquet")
+
+    def _meta_path(self, trial_id: str) -> str:
+        return posixpath.join(self.root, "meta", f"{trial_id}.json")
+
+    def _labels_path(self, split: str) -> str:
+        return posixpath.join(self.root, "labels", f"{split}.parquet")
+
+    def _exists(self, path: str) -> bool:
+        return bool(self.filesystem.get_file_info(path).type != pafs.FileType.NotFound)
+
+    def _list(self, directory: str) -> list[pafs.FileInfo]:
+        selector = pafs.FileSelector(directory, allow_not_found=True)
+        return list(self.filesystem.get_file_info(selector))
+
+    def _epoch_table(
+        self, trial_id: str, epoch: int, parts: Mapping[PartKey, np.ndarray]
+    ) -> list[pa.Table]:
+        value_type = pa.float16() if self.dtype == "float16" else pa.float32()
+        np_type = np.float16 if self.dtype == "float16" else np.float32
+        tables = []
+        for (split, variant), arr in sorted(parts.items(), key=_part_order):
+            n, c = arr.shape
+            flat = pa.array(arr.astype(np_type, copy=False).ravel(), type=value_type)
+            tables.append(
+                pa.table(
+                    {
+                        "trial_id": pa.array([trial_id] * n).dictionary_encode(),
+                        "epoch": pa.array(np.full(n, epoch, dtype=np.int32)),
+                        "split": pa.array([split] * n).dictionary_encode(),
+                        "variant": pa.array([variant] * n).dictionary_encode(),
+                        "row": pa.array(np.arange(n, dtype=np.int32)),
+                        "logits": pa.FixedSizeListArray.from_arrays(flat, c),
+                    }
+                )
+            )
+        return tables
+
+    def _write_parquet(self, path: str, tables: pa.Table | list[pa.Table]) -> None:
+        """Write tables (one row group each) with zstd, published atomically."""
+        tables = tables if isinstance(tables, list) else [tables]
+        schema = tables[0].schema.with_metadata(
+            {"posthoc_tune.format_version": str(FORMAT_VERSION)}
+        )
+
+        def write(sink: Any) -> None:
+            with pq.ParquetWriter(sink, schema, compression="zstd") as writer:
+                for t in tables:
+                    writer.write_table(t.cast(schema))
+
+        self._publish(path, write)
+
+    def _publish(self, path: str, write: Callable[[Any], None]) -> None:
+        parent = posixpath.dirname(path)
+        self.filesystem.create_dir(parent, recursive=True)
+        if self._atomic_put:
+            with self.filesystem.open_output_stream(path) as sink:
+                write(sink)
+            return
+        tmp = posixpath.join(parent, f".{posixpath.basename(path)}.tmp-{uuid.uuid4().hex}")
+        try:
+            with self.filesystem.open_output_stream(tmp) as sink:
+                write(sink)
+            self.filesystem.move(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                self.filesystem.delete_file(tmp)
+            raise
+
+    def _read_table(self, trial_id: str, epoch: int, filters: list[Any] | None) -> pa.Table:
+        _check_id(trial_id)
+        _check_epoch(epoch)
+        path = self._epoch_path(trial_id, epoch)
+        try:
+            return pq.read_table(
+                path,
+                filesystem=self.filesystem,
+                columns=["split", "variant", "logits"],
+                filters=filters,
+            )
+        except FileNotFoundError:
+            raise KeyError(
+                f"trial {trial_id!r} has no stored epoch {epoch} in {self.root!r}"
+            ) from None
+
+
+def _write_bytes(data: bytes) -> Callable[[Any], None]:
+    return lambda sink: sink.write(data)
+
+
+def _part_order(item: tuple[PartKey, np.ndarray]) -> tuple[int, int]:
+    (split, variant), _ = item
+    return SPLITS.index(split), VARIANTS.index(variant)
+
+
+def _logits_to_numpy(column: pa.ChunkedArray) -> np.ndarray:
+    arr = column.combine_chunks()
+    width = arr.type.list_size
+    return arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, width)
+
+
+def _base_type_name(fs: pafs.FileSystem) -> str:
+    while isinstance(fs, pafs.SubTreeFileSystem):
+        fs = fs.base_fs
+    return str(fs.type_name)
+
+
+def _check_id(trial_id: object) -> None:
+    """Trial ids become path components: allow only names that cannot escape the store."""
+    if not isinstance(trial_id, str) or not _SAFE_ID.match(trial_id) or ".." in trial_id:
+        raise ValueError(
+            f"invalid trial id {trial_id!r}: expected 1-128 characters from [A-Za-z0-9_.-] "
+            f"starting with a letter or digit, without '..'"
+        )
+
+
+def _check_epoch(epoch: object) -> None:
+    is_int = isinstance(epoch, (int, np.integer)) and not isinstance(epoch, bool)
+    if not is_int or not 1 <= epoch < 10**6:  # type: ignore[operator]
+        raise ValueError(
+            f"epoch must be an int in [1, 999999] (epochs count from 1), got {epoch!r}"
+        )
+
+
+__all__ = ["FORMAT_VERSION", "PredictionStore", "StoreError"]

@@ -1,0 +1,306 @@
+"""Post-hoc transforms: temperature scaling, SWA weight averaging, ensembling, and composition.
+
+Pure PyTorch/numpy: nothing here knows about Ray. Definitions follow the paper's code
+(see DESIGN.md): TS is one temperature fit by minimising val NLL and applied unchanged to
+test; SWA is the equal-weight mean of end-of-epoch weights; an ensemble averages its members'
+temperature-scaled logits at one common epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal, TypeVar
+
+import numpy as np
+import torch
+from torch.optim.swa_utils import AveragedModel, update_bn
+
+from posthoc_tune._arrays import ArrayLike, as_labels, as_logits, to_numpy
+from posthoc_tune.keys import parse_transform
+
+A = TypeVar("A", np.ndarray, torch.Tensor)
+
+Combiner = Literal["logits", "probs"]
+
+
+class TemperatureScaler:
+    """Single-temperature calibration, scikit-learn style.
+
+    ``fit`` minimises the mean NLL of ``logits / T`` over ``u = log T`` with a safeguarded
+    Newton method (analytic first and second derivatives, backtracking line search). The
+    objective is convex in ``1/T``, so the minimiser is unique; ``T`` is kept within ``bounds``
+    because fully separable data drive the unconstrained optimum to ``T -> 0``.
+
+    Fitted attributes: ``temperature_``, ``n_iter_``, ``converged_`` and ``fallback_`` (True when
+    the input was non-finite or the fit failed and ``T = 1`` was used instead; never NaN).
+
+    Args:
+        warm_start: start from the previous ``temperature_`` (the paper's per-epoch reuse).
+        max_iter: Newton iterations before the fit counts as failed.
+        tol: stop when ``|d NLL / d log T| < tol``.
+        bounds: ``(min_T, max_T)``.
+    """
+
+    temperature_: float
+    n_iter_: int
+    converged_: bool
+    fallback_: bool
+
+    def __init__(
+        self,
+        *,
+        warm_start: bool = False,
+        max_iter: int = 100,
+        tol: float = 1e-5,
+        bounds: tuple[float, float] = (1e-2, 1e2),
+    ) -> None:
+        if not isinstance(max_iter, int) or max_iter < 1:
+            raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+        if not tol > 0:
+            raise ValueError(f"tol must be > 0, got {tol!r}")
+        lo, hi = bounds
+        if not 0 < lo < 1 < hi < math.inf:
+            raise ValueError(f"bounds must satisfy 0 < min_T < 1 < max_T < inf, got {bounds!r}")
+        self.warm_start = warm_start
+        self.max_iter = max_iter
+        self.tol = tol
+        self.bounds = (float(lo), float(hi))
+
+    def fit(self, logits: ArrayLike, labels: ArrayLike) -> TemperatureScaler:
+        """Fit the temperature on (validation) logits and labels; returns ``self``."""
+        z = as_logits(logits, dtype=torch.float32)
+        y = as_labels(labels, z.shape[0], z.shape[1])
+        start = 0.0
+        if self.warm_start and getattr(self, "fallback_", True) is False:
+            start = math.log(self.temperature_)
+        u, n_iter, converged = _newton_log_temperature(
+            z, y, start, self.max_iter, self.tol, tuple(math.log(b) for b in self.bounds)
+        )
+        if not converged:
+            # Non-finite logits make the objective NaN at once; only then pay for the check.
+            if not bool(torch.isfinite(z).all()):
+                return self._fall_back("logits contain NaN or inf")
+            return self._fall_back(f"Newton did not converge in {self.max_iter} iterations")
+        self.temperature_ = math.exp(u)
+        self.n_iter_ = n_iter
+        self.converged_ = True
+        self.fallback_ = False
+        return self
+
+    def transform(self, logits: A) -> A:
+        """Divide logits by the fitted temperature (same array type as the input)."""
+        if not hasattr(self, "temperature_"):
+            raise RuntimeError("TemperatureScaler is not fitted; call fit(logits, labels) first")
+        return logits / self.temperature_
+
+    def fit_transform(self, logits: A, labels: ArrayLike) -> A:
+        """``fit`` then ``transform`` the same logits."""
+        return self.fit(logits, labels).transform(logits)
+
+    def _fall_back(self, why: str) -> TemperatureScaler:
+        warnings.warn(f"temperature scaling fell back to T=1: {why}", RuntimeWarning, stacklevel=3)
+        self.temperature_ = 1.0
+        self.n_iter_ = 0
+        self.converged_ = False
+        self.fallback_ = True
+        return self
+
+
+class _TSObjective:
+    """Mean NLL of softmax(z / e^u) and its first two derivatives in ``u = log T``.
+
+    Logits are shifted by their row maximum once (NLL is shift-invariant), so each evaluation
+    is one exp pass plus three row reductions in float32, with float64 means over rows.
+    With ``b = e^-u``: dNLL/db = mean(E_p[d] - d_y) and d2NLL/db2 = mean(Var_p[d]); the chain
+    rule gives d/du = -b dNLL/db and d2/du2 = b^2 d2NLL/db2 + b dNLL/db.
+    """
+
+    def __init__(self, z: torch.Tensor, y: torch.Tensor) -> None:
+        self.d = z - z.max(dim=1, keepdim=True).values
+        self.d_true = self.d.gather(1, y[:, None]).squeeze(1).to(torch.float64)
+        # Preallocated work buffers: fresh multi-MB temporaries per call cost 4x the math.
+        self._e = torch.empty_like(self.d)
+        self._e_d = torch.empty_like(self.d)
+
+    def __call__(self, u: float) -> tuple[float, float, float]:
+        b = math.exp(-u)
+        e, e_d = self._e, self._e_d
+        torch.mul(self.d, b, out=e).exp_()
+        torch.mul(e, self.d, out=e_d)
+        norm = e.sum(dim=1).to(torch.float64)
+        mean_d = e_d.sum(dim=1).to(torch.float64) / norm
+        mean_d2 = e_d.mul_(self.d).sum(dim=1).to(torch.float64) / norm
+        f = float((torch.log(norm) - b * self.d_true).mean())
+        g_b = float((mean_d - self.d_true).mean())
+        h_b = float((mean_d2 - mean_d * mean_d).mean())
+        return f, -b * g_b, b * b * h_b + b * g_b
+
+
+def _newton_log_temperature(
+    z: torch.Tensor,
+    y: torch.Tensor,
+    u: float,
+    max_iter: int,
+    tol: float,
+    bounds: tuple[float, ...],
+) -> tuple[float, int, bool]:
+    """Safeguarded Newton on u = log T; returns (u, iterations, converged)."""
+    lo, hi = bounds
+    objective = _TSObjective(z, y)
+    u = min(max(u, lo), hi)
+    f, g, h = objective(u)
+    for it in range(1, max_iter + 1):
+        if not (math.isfinite(f) and math.isfinite(g) and math.isfinite(h)):
+            return u, it, False
+        if abs(g) < tol or (u <= lo and g > 0) or (u >= hi and g < 0):
+            return u, it - 1, True
+        step = max(-1.0, min(1.0, -g / h if h > 0 else -math.copysign(1.0, g)))
+        if abs(step) < 1e-6:  # Newton step below the float32 resolution of the objective
+            return min(max(u + step, lo), hi), it, True
+        while True:  # backtrack until the NLL decreases (Armijo)
+            u_new = min(max(u + step, lo), hi)
+            f_new, g_new, h_new = objective(u_new)
+            if f_new <= f + 1e-4 * g * (u_new - u) or abs(step) < 1e-6:
+                break
+            step /= 2
+        u, f, g, h = u_new, f_new, g_new, h_new
+    return u, max_iter, False
+
+
+class WeightAverager:
+    """Stochastic weight averaging read-out: the equal-weight mean of end-of-epoch weights.
+
+    Built on :class:`torch.optim.swa_utils.AveragedModel`. Call :meth:`update` once per epoch
+    (epochs count from 1); epochs before ``start_epoch`` are skipped, so the average covers
+    epochs ``start_epoch..t``. Training is unaffected: SWA here is a pure read-out. Buffers are
+    copied from the live model on each update; call :meth:`update_bn` to re-estimate
+    BatchNorm statistics for the averaged weights (the paper uses the val inputs).
+    """
+
+    def __init__(self, model: torch.nn.Module, *, start_epoch: int = 1) -> None:
+        if not isinstance(start_epoch, int) or isinstance(start_epoch, bool) or start_epoch < 1:
+            raise ValueError(f"start_epoch must be an int >= 1, got {start_epoch!r}")
+        self.start_epoch = start_epoch
+        self.epoch = 0
+        device = next(iter(model.parameters()), torch.empty(0)).device
+        self._averaged = AveragedModel(model, device=device, use_buffers=False)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The averaged ``torch.nn.Module`` (same class as the live model)."""
+        return self._averaged.module
+
+    @property
+    def n_averaged(self) -> int:
+        """How many end-of-epoch weight sets the average holds."""
+        return int(self._averaged.n_averaged)
+
+    @property
+    def active(self) -> bool:
+        """Whether the average holds at least one epoch (before that SWA is undefined)."""
+        return self.n_averaged > 0
+
+    @property
+    def has_batchnorm(self) -> bool:
+        """Whether BatchNorm statistics need re-estimating after each update."""
+        return any(
+            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules()
+        )
+
+    def update(self, model: torch.nn.Module) -> None:
+        """Record the end of an epoch; its weights join the average from ``start_epoch`` on."""
+        self.epoch += 1
+        if self.epoch >= self.start_epoch:
+            self._averaged.update_parameters(model)
+
+    def update_bn(self, loader: Iterable[Any]) -> None:
+        """Re-estimate BatchNorm statistics of the averaged model on ``loader``'s inputs."""
+        device = next(iter(self.model.parameters()), torch.empty(0)).device
+        update_bn(loader, self.model, device=device)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the average exactly after a restart."""
+        return {
+            "averaged": self._averaged.state_dict(),
+            "epoch": self.epoch,
+            "start_epoch": self.start_epoch,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; ``start_epoch`` must match this averager's."""
+        if state["start_epoch"] != self.start_epoch:
+            raise ValueError(
+                f"checkpoint has start_epoch={state['start_epoch']}, "
+                f"this averager has start_epoch={self.start_epoch}"
+            )
+        self._averaged.load_state_dict(state["averaged"])
+        self.epoch = int(state["epoch"])
+
+
+def combine(members: Sequence[A], how: Combiner = "logits") -> A:
+    """Combine ensemble members' logits into ensemble logits.
+
+    ``how="logits"``: mean of logits (the paper's choice). ``how="probs"``: log of the mean of
+    the members' softmax probabilities. Members must all have the same shape (N, C).
+    """
+    if how not in ("logits", "probs"):
+        raise ValueError(f"unknown combiner {how!r}; expected 'logits' or 'probs'")
+    if len(members) == 0:
+        raise ValueError("combine needs at least one member, got an empty sequence")
+    tensors = [as_logits(m, f"member {i}") for i, m in enumerate(members)]
+    shapes = {tuple(t.shape) for t in tensors}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"ensemble members must share one (n_rows, n_classes) shape, got {sorted(shapes)}"
+        )
+    stacked = torch.stack(tensors)
+    if how == "logits":
+        out = stacked.mean(dim=0)
+    else:
+        out = torch.logsumexp(torch.log_softmax(stacked, dim=2), dim=0) - math.log(len(members))
+    first = members[0]
+    if isinstance(first, torch.Tensor):
+        return out.to(dtype=first.dtype, device=first.device)
+    return out.numpy().astype(np.result_type(first.dtype, np.float32))
+
+
+def apply_transform(
+    name: str,
+    val_members: Sequence[ArrayLike],
+    val_labels: ArrayLike,
+    test_members: Sequence[ArrayLike] | None = None,
+    *,
+    ensemble: Combiner = "logits",
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Apply a named transform to members' logits of the right variant; returns (val, test).
+
+    ``val_members``/``test_members`` hold one entry per member, already of the transform's
+    variant (``parse_transform(name).variant``: SWA logits for ``swa*`` names). Single-model
+    transforms need exactly one member. Ensemble transforms temperature-scale each member on
+    val, combine, and for ``+ts`` fit one more temperature on the ensemble's val logits. All
+    temperatures are fit on val and applied unchanged to test. Outputs are float32 arrays.
+    """
+    t = parse_transform(name)
+    if test_members is not None and len(test_members) != len(val_members):
+        raise ValueError(f"got {len(val_members)} val members but {len(test_members)} test members")
+    if not t.ens and len(val_members) != 1:
+        raise ValueError(f"transform {name!r} takes exactly one member, got {len(val_members)}")
+    vals = [to_numpy(v) for v in val_members]
+    tests = [to_numpy(v) for v in test_members] if test_members is not None else None
+    if t.ens:
+        scalers = [TemperatureScaler().fit(v, val_labels) for v in vals]
+
+        def ensemble_of(parts: list[np.ndarray]) -> list[np.ndarray]:
+            scaled = [s.transform(p) for s, p in zip(scalers, parts, strict=True)]
+            return [combine(scaled, ensemble)]
+
+        vals = ensemble_of(vals)
+        tests = ensemble_of(tests) if tests is not None else None
+    val, test = vals[0], (tests[0] if tests is not None else None)
+    if t.ts:
+        scaler = TemperatureScaler().fit(val, val_labels)
+        val = scaler.transform(val)
+        test = scaler.transform(test) if test is not None else None
+    return val, test

@@ -1,0 +1,211 @@
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from posthoc_tune import PredictionStore, StoreError, group_key
+from tests import reference as ref
+
+N_VAL, N_TEST, C = 50, 40, 7
+
+
+def _epoch(rng: np.random.Generator) -> dict[tuple[str, str], np.ndarray]:
+    return {
+        (split, variant): rng.normal(scale=5.0, size=(n, C)).astype(np.float32)
+        for split, n in (("val", N_VAL), ("test", N_TEST))
+        for variant in ("base", "swa")
+    }
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> PredictionStore:
+    s = PredictionStore.open(tmp_path / "exp")
+    rng = np.random.default_rng(0)
+    s.write_labels("val", rng.integers(0, C, N_VAL))
+    s.write_labels("test", rng.integers(0, C, N_TEST))
+    return s
+
+
+def test_float32_round_trip_is_exact(store: PredictionStore) -> None:
+    parts = _epoch(np.random.default_rng(1))
+    parts[("val", "base")][0, :3] = [np.nan, 3.4e38, -1e-45]  # NaN, near-max, subnormal
+    store.write_epoch("trial_a", 1, parts)
+    for (split, variant), logits in parts.items():
+        got = store.read("trial_a", 1, split, variant)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, logits)
+    assert store.read_epoch("trial_a", 1).keys() == parts.keys()
+    assert store.trials() == ["trial_a"] and store.epochs("trial_a") == [1]
+
+
+def test_float16_option_halves_precision_and_size(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    parts = {("val", "base"): rng.normal(size=(2000, 10)).astype(np.float32)}
+    sizes = {}
+    for dtype in ("float32", "float16"):
+        s = PredictionStore.open(tmp_path / dtype, dtype=dtype)  # type: ignore[arg-type]
+        s.write_epoch("t", 1, parts)
+        got = s.read("t", 1, "val", "base")
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(
+            got, parts[("val", "base")], rtol=1e-3 if dtype == "float16" else 0
+        )
+        sizes[dtype] = (tmp_path / dtype / "posthoc/logits/t/epoch_000001.parquet").stat().st_size
+    assert sizes["float16"] < 0.6 * sizes["float32"]
+
+
+def test_single_part_writes_merge_into_one_epoch_file(store: PredictionStore) -> None:
+    parts = _epoch(np.random.default_rng(3))
+    for (split, variant), logits in parts.items():
+        store.write("t", 2, split, variant, logits)
+    assert store.epochs("t") == [2]
+    for key, logits in parts.items():
+        np.testing.assert_array_equal(store.read("t", 2, *key), logits)
+
+
+def test_rewriting_an_epoch_replaces_it_without_duplicates(store: PredictionStore) -> None:
+    first, second = _epoch(np.random.default_rng(4)), _epoch(np.random.default_rng(5))
+    store.write_epoch("t", 1, first)
+    store.write_epoch("t", 1, second)  # a retried trial re-runs epoch 1
+    store.write_epoch("t", 1, second)
+    assert [p.name for p in Path(store.root, "logits", "t").iterdir()] == ["epoch_000001.parquet"]
+    np.testing.assert_array_equal(store.read("t", 1, "test", "swa"), second[("test", "swa")])
+
+
+KILL_MID_WRITE = textwrap.dedent(
+    """
+    import os, sys
+    import numpy as np
+    import pyarrow.parquet as pq
+    from posthoc_tune import store as store_module
+
+    class DiesMidWrite(pq.ParquetWriter):
+        def write_table(self, table, *args, **kwargs):
+            super().write_table(table, *args, **kwargs)
+            os._exit(9)  # like SIGKILL: no cleanup, no exception handlers
+
+    store_module.pq.ParquetWriter = DiesMidWrite
+    s = store_module.PredictionStore.open(sys.argv[1])
+    rng = np.random.default_rng(0)
+    s.write_epoch("t", int(sys.argv[2]), {
+        ("val", "base"): rng.normal(size=(50, 7)).astype(np.float32),
+        ("val", "swa"): rng.normal(size=(50, 7)).astype(np.float32),
+    })
+    """
+)
+
+
+def test_a_writer_killed_mid_write_leaves_no_readable_partial_file(store: PredictionStore) -> None:
+    good = _epoch(np.random.default_rng(6))
+    store.write_epoch("t", 1, good)
+    for epoch in (1, 2):  # overwrite an existing epoch, and write a new one
+        proc = subprocess.run(
+            [sys.executable, "-c", KILL_MID_WRITE, store.experiment_path, str(epoch)],
+            capture_output=True,
+        )
+        assert proc.returncode == 9, proc.stderr.decode()
+    leftovers = [p.name for p in Path(store.root, "logits", "t").iterdir() if ".tmp-" in p.name]
+    assert len(leftovers) == 2  # the partial files exist on disk ...
+    assert store.epochs("t") == [1]  # ... but are never listed,
+    np.testing.assert_array_equal(store.read("t", 1, "val", "base"), good[("val", "base")])
+    with pytest.raises(KeyError, match="no stored epoch 2"):
+        store.read("t", 2, "val", "base")
+    # and the dataset glob from docs/store.md does not pick them up.
+    dataset = ds.dataset(
+        str(Path(store.root, "logits")), format="parquet", exclude_invalid_files=False
+    )
+    assert all(Path(f).name.startswith("epoch_") for f in dataset.files)
+
+
+def test_plain_pyarrow_reads_the_store_as_documented(store: PredictionStore) -> None:
+    """Follows docs/store.md without posthoc_tune: glob the epoch files, join the labels."""
+    rng = np.random.default_rng(7)
+    written = {(t, e): _epoch(rng) for t in ("a", "b") for e in (1, 2, 3)}
+    for (trial, epoch), parts in written.items():
+        store.write_epoch(trial, epoch, parts)
+    store.write_metadata("a", {"lr": np.float64(0.1), "seed": 0, "__trial_index__": 3})
+
+    root = Path(store.root)
+    table = ds.dataset(str(root / "logits"), format="parquet").to_table()
+    df = table.to_pandas()
+    assert len(df) == 2 * 3 * 2 * (N_VAL + N_TEST)
+    labels = pq.read_table(root / "labels" / "val.parquet").to_pandas()
+    sel = df[(df.trial_id == "b") & (df.epoch == 3) & (df.split == "val") & (df.variant == "base")]
+    sel = sel.merge(labels, on="row").sort_values("row")
+    z = np.stack(sel.logits.to_numpy())
+    expected = written[("b", 3)][("val", "base")]
+    np.testing.assert_array_equal(z, expected)
+    assert ref.nll(z, sel.label.to_numpy()) == pytest.approx(ref.nll(expected, store.labels("val")))
+    meta = json.loads((root / "meta" / "a.json").read_text())
+    assert meta["config"] == {"lr": 0.1, "seed": 0, "__trial_index__": 3}
+    assert meta["seed"] == 0 and meta["group"] == group_key({"lr": 0.1, "seed": 5})
+    assert store.metadata("a") == meta
+    schema = pq.read_schema(root / "logits" / "a" / "epoch_000001.parquet")
+    assert schema.metadata[b"posthoc_tune.format_version"] == b"1"
+    assert str(schema.field("logits").type) == "fixed_size_list<element: float>[7]"
+
+
+def test_works_through_a_subtree_filesystem(tmp_path: Path) -> None:
+    fs = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
+    s = PredictionStore.open("bucket/exp", filesystem=fs)
+    parts = _epoch(np.random.default_rng(8))
+    s.write_labels("val", np.arange(N_VAL) % C)
+    s.write_epoch("t", 1, parts)
+    assert (tmp_path / "bucket/exp/posthoc/logits/t/epoch_000001.parquet").is_file()
+    reopened = PredictionStore.open(tmp_path / "bucket" / "exp")
+    np.testing.assert_array_equal(reopened.read("t", 1, "val", "swa"), parts[("val", "swa")])
+    np.testing.assert_array_equal(reopened.labels("val"), np.arange(N_VAL) % C)
+
+
+def test_labels_must_agree_across_trials(store: PredictionStore) -> None:
+    same = store.labels("val").copy()
+    store.write_labels("val", same)  # identical: no-op
+    same[0] = (same[0] + 1) % C
+    with pytest.raises(ValueError, match="val labels differ from those already stored"):
+        store.write_labels("val", same)
+
+
+def test_bad_writes_raise_clear_errors(store: PredictionStore) -> None:
+    z = np.zeros((N_VAL, C), dtype=np.float32)
+    with pytest.raises(ValueError, match=r"shape \(49, 7\) do not fit the stored val labels"):
+        store.write_epoch("t", 1, {("val", "base"): z[:-1]})
+    with pytest.raises(ValueError, match="5 classes, other parts of the same epoch have 7"):
+        store.write_epoch("t", 1, {("val", "base"): z, ("val", "swa"): z[:, :5]})
+    with pytest.raises(ValueError, match="unknown split 'train'"):
+        store.write_epoch("t", 1, {("train", "base"): z})
+    with pytest.raises(ValueError, match="unknown variant 'ema'"):
+        store.write("t", 1, "val", "ema", z)
+    with pytest.raises(ValueError, match="epochs count from 1"):
+        store.write_epoch("t", 0, {("val", "base"): z})
+    for bad_id in ("../escape", "a/b", "", ".hidden", "x" * 200):
+        with pytest.raises(ValueError, match="invalid trial id"):
+            store.write_epoch(bad_id, 1, {("val", "base"): z})
+    assert not Path(store.experiment_path, "escape").exists()
+    assert store.trials() == []  # nothing half-written
+
+
+def test_reads_of_missing_things_raise_key_errors(store: PredictionStore) -> None:
+    with pytest.raises(KeyError, match="no stored epoch 1"):
+        store.read("ghost", 1, "val", "base")
+    with pytest.raises(KeyError, match="no metadata for trial 'ghost'"):
+        store.metadata("ghost")
+    store.write_epoch("t", 1, {("val", "base"): np.zeros((N_VAL, C), np.float32)})
+    with pytest.raises(KeyError, match="no val/swa logits"):
+        store.read("t", 1, "val", "swa")
+    assert store.epochs("ghost") == []
+
+
+def test_unreachable_storage_names_the_location() -> None:
+    with pytest.raises(
+        StoreError, match="cannot reach the prediction store at 'nosuch://bucket/exp'"
+    ):
+        PredictionStore.open("nosuch://bucket/exp")
+    with pytest.raises(ValueError, match="unknown store dtype 'float64'"):
+        PredictionStore.open("/tmp", dtype="float64")  # type: ignore[arg-type]

@@ -1,0 +1,147 @@
+"""Real Ray Tune runs with the reporter and a stock scheduler on a post-hoc key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+
+import posthoc_tune as pht
+from posthoc_tune import PostHocReporter, PredictionStore
+from tests import reference as ref
+
+pytestmark = pytest.mark.slow
+
+N_IN, C = 8, 5
+
+
+def _data() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(N_IN, C, generator=g)
+    out = {}
+    for name, n in (("", 200), ("_val", 80), ("_test", 70)):
+        x = torch.randn(n, N_IN, generator=g)
+        out[f"x{name}"] = x
+        out[f"y{name}"] = (x @ teacher + 2.0 * torch.randn(n, C, generator=g)).argmax(dim=1)
+    return out
+
+
+def train(config: dict[str, Any]) -> None:
+    """Deterministic full-batch training: a retried run reproduces the same weights."""
+    d = _data()
+    torch.manual_seed(config["seed"])
+    model = torch.nn.Sequential(
+        torch.nn.Linear(N_IN, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(), torch.nn.Linear(32, C)
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=0.9)
+    reporter = PostHocReporter(
+        model,
+        config,
+        val=(d["x_val"], d["y_val"]),
+        test=(d["x_test"], d["y_test"]),
+        checkpoint={"optimizer": opt} if config.get("checkpoint") else None,
+    )
+    fail_at = config.get("fail_at")
+    for epoch in range(reporter.epoch + 1, config["epochs"] + 1):
+        model.train()
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(d["x"]), d["y"])
+        loss.backward()
+        opt.step()
+        marker = Path(config.get("marker", "/nonexistent"))
+        if epoch == fail_at and not marker.exists():
+            marker.touch()
+            raise RuntimeError("simulated worker failure")
+        reporter.step({"train/loss": loss.item()})
+
+
+def _result_rows(result: tune.Result) -> list[dict[str, Any]]:
+    text = (Path(result.path) / "result.json").read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_tune_run_reports_stable_keys_and_stores_every_epoch(run_tune: Any) -> None:
+    space = pht.with_seeds({"lr": tune.grid_search([0.05, 0.2]), "epochs": 3}, n=2)
+    results = run_tune(
+        train,
+        space,
+        tune_config={
+            "scheduler": ASHAScheduler(
+                metric="val/swa+ts/nll", mode="min", max_t=3, grace_period=1, reduction_factor=2
+            )
+        },
+    )
+    assert len(results) == 4 and not results.errors
+    store = PredictionStore.open(results.experiment_path)
+    assert store.trials() == sorted(r.metrics["trial_id"] for r in results)
+
+    key_sets = set()
+    for result in results:
+        rows = _result_rows(result)
+        trial_id = rows[0]["trial_id"]
+        key_sets |= {frozenset(k for k in row if k in _posthoc_keys()) for row in rows}
+        assert (
+            store.epochs(trial_id)
+            == [row["epoch"] for row in rows]
+            == list(range(1, len(rows) + 1))
+        )
+        meta = store.metadata(trial_id)
+        assert (
+            meta["group"] == pht.group_key(result.config) and meta["seed"] == result.config["seed"]
+        )
+        for row in rows:
+            epoch = row["epoch"]
+            assert set(store.read_epoch(trial_id, epoch)) == {
+                (s, v) for s in ("val", "test") for v in ("base", "swa")
+            }
+            for split in ("val", "test"):
+                y = store.labels(split)
+                for variant in ("base", "swa"):
+                    z = store.read(trial_id, epoch, split, variant)
+                    assert row[f"{split}/{variant}/nll"] == pytest.approx(ref.nll(z, y), rel=1e-6)
+                    assert row[f"{split}/{variant}/error"] == pytest.approx(ref.error(z, y))
+                z_val = store.read(trial_id, epoch, "val", "swa")
+                t = ref.grid_temperature(z_val, store.labels("val"))
+                z = store.read(trial_id, epoch, split, "swa")
+                assert row[f"{split}/swa+ts/nll"] == pytest.approx(ref.nll(z / t, y), rel=1e-3)
+    assert key_sets == {frozenset(_posthoc_keys())}
+
+
+def _posthoc_keys() -> set[str]:
+    return set(pht.metric_keys()) | {"epoch", "temperature/base", "temperature/swa", "train/loss"}
+
+
+def test_a_retried_trial_resumes_its_swa_average_exactly(run_tune: Any, tmp_path: Path) -> None:
+    epochs = 5
+    config = {"lr": 0.1, "seed": 0, "epochs": epochs, "checkpoint": True}
+    space = {
+        **config,
+        "fail_at": tune.grid_search([None, 3]),
+        "marker": str(tmp_path / "failed-once"),
+    }
+    results = run_tune(
+        train, space, run_config={"failure_config": tune.FailureConfig(max_failures=1)}
+    )
+    assert (tmp_path / "failed-once").exists() and not results.errors
+    store = PredictionStore.open(results.experiment_path)
+    by_fail = {r.config["fail_at"]: r.metrics["trial_id"] for r in results}
+    for result in results:  # resumed from the epoch-2 checkpoint, not re-run from epoch 1
+        assert [row["epoch"] for row in _result_rows(result)] == list(range(1, epochs + 1))
+    for trial_id in by_fail.values():
+        assert store.epochs(trial_id) == list(range(1, epochs + 1))
+        logits_dir = Path(store.root, "logits", trial_id)
+        assert sorted(p.name for p in logits_dir.iterdir()) == [
+            f"epoch_{e:06d}.parquet" for e in range(1, epochs + 1)
+        ]
+    for epoch in range(1, epochs + 1):
+        for variant in ("base", "swa"):
+            np.testing.assert_array_equal(
+                store.read(by_fail[3], epoch, "test", variant),
+                store.read(by_fail[None], epoch, "test", variant),
+            )
