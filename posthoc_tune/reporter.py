@@ -14,6 +14,7 @@ import contextlib
 import math
 import os
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
@@ -120,6 +121,26 @@ class _EvalSplit:
                     f"got {type(batch).__name__}"
                 )
             yield batch[0], batch[1]
+
+
+class _Background:
+    """Run a function in a thread; ``join`` waits and re-raises what it raised."""
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), name="posthoc-store-write")
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except BaseException as err:
+            self._error = err
+
+    def join(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 @contextlib.contextmanager
@@ -270,11 +291,28 @@ class PostHocReporter:
                 for split, source in self.splits.items():
                     logits[(split, variant)], labels[split] = source.predict(module)
 
+        # The store write (Parquet encoding, I/O; releases the GIL) overlaps TS and metrics,
+        # and is joined before tune.report: the driver may read the epoch once it is reported.
+        write = _Background(lambda: self._write(logits, labels)) if self.store else None
+        try:
+            result = self._metrics(logits, labels)
+        finally:
+            if write is not None:
+                write.join()
+        result.update(extra)
+        if self.in_tune:
+            self._report(result)
+        return result
+
+    def _metrics(
+        self, logits: Mapping[tuple[str, str], np.ndarray], labels: Mapping[str, np.ndarray]
+    ) -> dict[str, float]:
         result = dict.fromkeys(metric_keys(), math.nan)
         result["epoch"] = self.epoch
         for variant in VARIANTS:
             result[f"temperature/{variant}"] = math.nan
-        for variant in variants:
+            if ("val", variant) not in logits:
+                continue
             scaler = self._scalers[variant].fit(logits[("val", variant)], labels["val"])
             result[f"temperature/{variant}"] = scaler.temperature_
             for split in self.splits:
@@ -282,17 +320,17 @@ class PostHocReporter:
                 for name, z in ((variant, raw), (_TS_NAME[variant], scaler.transform(raw))):
                     for metric, value in evaluate(z, labels[split]).items():
                         result[f"{split}/{name}/{metric}"] = value
-        result.update(extra)
-
-        if self.store is not None:
-            if not self._labels_written:
-                for split, y in labels.items():
-                    self.store.write_labels(split, y)
-                self._labels_written = True
-            self.store.write_epoch(self.trial_id, self.epoch, logits)
-        if self.in_tune:
-            self._report(result)
         return result
+
+    def _write(
+        self, logits: Mapping[tuple[str, str], np.ndarray], labels: Mapping[str, np.ndarray]
+    ) -> None:
+        assert self.store is not None
+        if not self._labels_written:
+            for split, y in labels.items():
+                self.store.write_labels(split, y)
+            self._labels_written = True
+        self.store.write_epoch(self.trial_id, self.epoch, logits)
 
     def _extra_metrics(self, metrics: Mapping[str, Any] | None) -> dict[str, float]:
         if metrics is None:

@@ -289,10 +289,10 @@ class PredictionStore:
             tables.append(
                 pa.table(
                     {
-                        "trial_id": pa.array([trial_id] * n).dictionary_encode(),
+                        "trial_id": _constant_string(trial_id, n),
                         "epoch": pa.array(np.full(n, epoch, dtype=np.int32)),
-                        "split": pa.array([split] * n).dictionary_encode(),
-                        "variant": pa.array([variant] * n).dictionary_encode(),
+                        "split": _constant_string(split, n),
+                        "variant": _constant_string(variant, n),
                         "row": pa.array(np.arange(n, dtype=np.int32)),
                         "logits": pa.FixedSizeListArray.from_arrays(flat, c),
                     }
@@ -307,8 +307,21 @@ class PredictionStore:
             {"posthoc_tune.format_version": str(FORMAT_VERSION)}
         )
 
+        # Dictionary-encoding float logits only bloats the file; byte-stream-split lets zstd
+        # compress them (measured in benchmarks/core.py).
+        dictionary = [f.name for f in schema if pa.types.is_dictionary(f.type)]
+        encoding = {
+            f.name: "BYTE_STREAM_SPLIT" for f in schema if pa.types.is_fixed_size_list(f.type)
+        }
+
         def write(sink: Any) -> None:
-            with pq.ParquetWriter(sink, schema, compression="zstd") as writer:
+            with pq.ParquetWriter(
+                sink,
+                schema,
+                compression="zstd",
+                use_dictionary=dictionary,
+                column_encoding=encoding or None,
+            ) as writer:
                 for t in tables:
                     writer.write_table(t.cast(schema))
 
@@ -346,6 +359,10 @@ class PredictionStore:
             raise KeyError(
                 f"trial {trial_id!r} has no stored epoch {epoch} in {self.root!r}"
             ) from None
+
+
+def _constant_string(value: str, n: int) -> pa.DictionaryArray:
+    return pa.DictionaryArray.from_arrays(np.zeros(n, dtype=np.int32), pa.array([value]))
 
 
 def _write_bytes(data: bytes) -> Callable[[Any], None]:
