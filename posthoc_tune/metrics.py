@@ -1,7 +1,8 @@
 """Classification metrics on logits: NLL, error, ECE and Brier score.
 
 Every function takes ``(logits, labels)`` as numpy arrays or torch tensors (any device) and
-returns a Python float, computed in float64.
+returns a Python float. Elementwise work runs in float64 for float64 input and in float32
+otherwise (model outputs); means over rows are always accumulated in float64.
 
 NaN behaviour (documented contract): if any logit is NaN or +-inf the model has diverged and
 every metric is ``nan``; posthoc_tune's selection ranks NaN worst. Malformed input (wrong
@@ -15,6 +16,7 @@ import functools
 import math
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 
 from posthoc_tune._arrays import ArrayLike, as_labels, as_logits
@@ -42,16 +44,21 @@ def _all_finite(z: torch.Tensor) -> bool:
     return math.isfinite(float(z.sum())) or bool(torch.isfinite(z).all())
 
 
+def _mean(x: torch.Tensor) -> float:
+    return float(x.to(torch.float64).mean())
+
+
 def _nll(s: _Scores) -> float:
-    return float(-s.log_probs.gather(1, s.labels[:, None]).mean())
+    return -_mean(s.log_probs.gather(1, s.labels[:, None]))
 
 
 def _error(s: _Scores) -> float:
-    return float((s.log_probs.argmax(dim=1) != s.labels).to(torch.float64).mean())
+    return _mean(s.log_probs.argmax(dim=1) != s.labels)
 
 
 def _ece(s: _Scores) -> float:
     conf, pred = s.probs.max(dim=1)
+    conf = conf.to(torch.float64)
     # Bin b (0-based) holds confidences in (b/15, (b+1)/15]: right-closed bins.
     bins = (torch.ceil(conf * ECE_BINS) - 1).clamp_(0, ECE_BINS - 1).to(torch.int64)
     gap = torch.zeros(ECE_BINS, dtype=torch.float64)
@@ -62,7 +69,7 @@ def _ece(s: _Scores) -> float:
 
 def _brier(s: _Scores) -> float:
     p_true = s.probs.gather(1, s.labels[:, None]).squeeze(1)
-    return float((torch.linalg.vecdot(s.probs, s.probs) - 2.0 * p_true + 1.0).mean())
+    return _mean(torch.linalg.vecdot(s.probs, s.probs) - 2.0 * p_true + 1.0)
 
 
 _IMPLS = {"nll": _nll, "error": _error, "ece": _ece, "brier": _brier}
@@ -73,7 +80,9 @@ def evaluate(
 ) -> dict[str, float]:
     """Compute several metrics at once, sharing one log-softmax pass."""
     names = [check_name("metric", m, METRICS) for m in metrics]
-    z = as_logits(logits)
+    # Elementwise work in the input's precision (float32 for model outputs), means in float64.
+    wide = getattr(logits, "dtype", None) in (np.float64, torch.float64)
+    z = as_logits(logits, dtype=torch.float64 if wide else torch.float32)
     y = as_labels(labels, z.shape[0], z.shape[1])
     if not _all_finite(z):
         return {m: math.nan for m in names}

@@ -14,7 +14,6 @@ import contextlib
 import math
 import os
 import tempfile
-import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
@@ -121,26 +120,6 @@ class _EvalSplit:
                     f"got {type(batch).__name__}"
                 )
             yield batch[0], batch[1]
-
-
-class _Background:
-    """Run a function in a thread; ``join`` waits and re-raises what it raised."""
-
-    def __init__(self, fn: Callable[[], None]) -> None:
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(fn,), name="posthoc-store-write")
-        self._thread.start()
-
-    def _run(self, fn: Callable[[], None]) -> None:
-        try:
-            fn()
-        except BaseException as err:
-            self._error = err
-
-    def join(self) -> None:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
 
 
 @contextlib.contextmanager
@@ -291,15 +270,10 @@ class PostHocReporter:
                 for split, source in self.splits.items():
                     logits[(split, variant)], labels[split] = source.predict(module)
 
-        # The store write (Parquet encoding, I/O; releases the GIL) overlaps TS and metrics,
-        # and is joined before tune.report: the driver may read the epoch once it is reported.
-        write = _Background(lambda: self._write(logits, labels)) if self.store else None
-        try:
-            result = self._metrics(logits, labels)
-        finally:
-            if write is not None:
-                write.join()
+        result = self._metrics(logits, labels)
         result.update(extra)
+        if self.store is not None:  # before tune.report: the driver may read it once reported
+            self._write(logits, labels)
         if self.in_tune:
             self._report(result)
         return result
