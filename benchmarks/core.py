@@ -12,6 +12,8 @@ Run: .venv/bin/python benchmarks/core.py   (prints markdown tables; times are me
 
 from __future__ import annotations
 
+import functools
+import itertools
 import os
 import statistics
 import tempfile
@@ -24,6 +26,7 @@ import torch
 
 from posthoc_tune import PostHocReporter, PredictionStore, TemperatureScaler, WeightAverager
 from posthoc_tune.reporter import _EvalSplit
+from posthoc_tune.store import Dtype
 
 N = 10_000
 
@@ -54,8 +57,16 @@ def bench_ts() -> None:
     for c in (10, 100):
         z, y = synthetic(c)
         scaler = TemperatureScaler()
-        t = median_s(lambda z=z, y=y, s=scaler: s.fit(z, y), repeats=20)
+        t = median_s(functools.partial(scaler.fit, z, y), repeats=20)
         print(f"| {c} | {t * 1e3:.1f} | {scaler.n_iter_} | {scaler.temperature_:.3f} |")
+
+
+def _epoch_writer(
+    store: PredictionStore, parts: dict[tuple[str, str], np.ndarray]
+) -> Callable[[], None]:
+    """Each call writes the next epoch (so every write publishes a new file)."""
+    epochs = itertools.count(1)
+    return lambda: store.write_epoch("t", next(epochs), parts)
 
 
 def bench_store() -> None:
@@ -68,13 +79,13 @@ def bench_store() -> None:
             for i, (s, v) in enumerate((s, v) for s in ("val", "test") for v in ("base", "swa"))
         }
         mb = sum(a.nbytes for a in parts.values()) / 1e6
-        for dtype in ("float32", "float16"):
+        dtypes: tuple[Dtype, ...] = ("float32", "float16")
+        for dtype in dtypes:
             with tempfile.TemporaryDirectory() as d:
-                store = PredictionStore.open(d, dtype=dtype)  # type: ignore[arg-type]
-                epoch = iter(range(1, 10**6))
-                w = median_s(lambda s=store, e=epoch, p=parts: s.write_epoch("t", next(e), p), 7)
-                r = median_s(lambda s=store: s.read_epoch("t", 1), 7)
-                r1 = median_s(lambda s=store: s.read("t", 1, "val", "swa"), 7)
+                store = PredictionStore.open(d, dtype=dtype)
+                w = median_s(_epoch_writer(store, parts), 7)
+                r = median_s(functools.partial(store.read_epoch, "t", 1), 7)
+                r1 = median_s(functools.partial(store.read, "t", 1, "val", "swa"), 7)
                 size = os.path.getsize(f"{store.root}/logits/t/epoch_000001.parquet")
             print(
                 f"| {c} | {dtype} | {mb:.1f} | {size / 1e6:.1f} | {mb / w:.0f} | {mb / r:.0f} "

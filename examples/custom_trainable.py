@@ -90,11 +90,11 @@ def main(argv: Sequence[str] | None = None) -> tune.ResultGrid:
     results = tuner.fit()
     for key in ("val/base/nll", "val/swa+ts/nll"):
         best = results.get_best_result(metric=key, mode="min", scope="all")
-        df = best.metrics_dataframe
-        assert df is not None
+        df, config = best.metrics_dataframe, best.config
+        assert df is not None and config is not None
         row = df.loc[df[key].idxmin()]
         print(
-            f"selected by {key:15s}: lr={best.config['lr']} seed={best.config['seed']} "
+            f"selected by {key:15s}: lr={config['lr']} seed={config['seed']} "
             f"epoch {int(row['epoch'])}: test/swa+ts/nll {row['test/swa+ts/nll']:.4f}, "
             f"test/swa+ts/error {row['test/swa+ts/error']:.3f}"
         )

@@ -80,7 +80,7 @@ def test_bad_input_errors_name_the_value() -> None:
     with pytest.raises(TypeError, match="integer dtype"):
         metrics.nll(z, np.array([0.0, 1.0, 1.0]))
     with pytest.raises(TypeError, match="numpy array or torch tensor"):
-        metrics.nll([[0.0, 1.0]], np.array([0]))
+        metrics.nll([[0.0, 1.0]], np.array([0]))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown metric 'auc'"):
         metrics.evaluate(z, np.array([0, 1, 1]), ["nll", "auc"])
 

@@ -28,7 +28,7 @@ def _data(seed: int = 0) -> dict[str, torch.Tensor]:
     return out
 
 
-def _model(batchnorm: bool = False) -> torch.nn.Module:
+def _model(batchnorm: bool = False) -> torch.nn.Sequential:
     torch.manual_seed(0)
     layers: list[torch.nn.Module] = [torch.nn.Linear(N_IN, 16)]
     if batchnorm:
@@ -110,7 +110,7 @@ def test_loader_and_predict_forms_give_the_same_metrics() -> None:
         assert split in ("val", "test") and not model.training
         return model(d[f"x_{split}"])
 
-    forms = {
+    forms: dict[str, dict[str, Any]] = {
         "tensors": {"val": (d["x_val"], d["y_val"]), "test": (d["x_test"], d["y_test"])},
         "loader": {"val": val_loader, "test": (d["x_test"], d["y_test"])},
         "predict": {"val": (predict, d["y_val"]), "test": (predict, d["y_test"].numpy())},
@@ -144,9 +144,11 @@ def test_swa_batchnorm_statistics_come_from_the_val_inputs() -> None:
     d, model = _data(), _model(batchnorm=True)
     reporter = _reporter(model, d, eval_batch_size=1000)  # one batch: exact mean
     reporter.step()
-    bn = reporter.swa.model[1]
+    averaged = reporter.swa.model
+    assert isinstance(averaged, torch.nn.Sequential)
+    bn = averaged[1]
     with torch.no_grad():
-        h = reporter.swa.model[0](d["x_val"])
+        h = averaged[0](d["x_val"])
     torch.testing.assert_close(bn.running_mean, h.mean(dim=0))
 
 
@@ -174,8 +176,10 @@ def test_swa_start_epoch_leaves_swa_undefined_before_it(tmp_path: Path) -> None:
 
 def test_a_diverged_model_reports_nan_instead_of_crashing(tmp_path: Path) -> None:
     d, model = _data(), _model()
+    first = model[0]
+    assert isinstance(first, torch.nn.Linear)
     with torch.no_grad():
-        model[0].weight[0, 0] = float("nan")
+        first.weight[0, 0] = float("nan")
     with pytest.warns(RuntimeWarning, match="fell back to T=1"):
         result = _reporter(model, d, store=tmp_path).step()
     assert math.isnan(result["val/base/nll"]) and math.isnan(result["test/swa+ts/brier"])

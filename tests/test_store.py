@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from posthoc_tune import PredictionStore, StoreError, group_key
+from posthoc_tune.store import Dtype
 from tests import reference as ref
 
 N_VAL, N_TEST, C = 50, 40, 7
@@ -49,8 +50,9 @@ def test_float16_option_halves_precision_and_size(tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
     parts = {("val", "base"): rng.normal(size=(2000, 10)).astype(np.float32)}
     sizes = {}
-    for dtype in ("float32", "float16"):
-        s = PredictionStore.open(tmp_path / dtype, dtype=dtype)  # type: ignore[arg-type]
+    dtypes: tuple[Dtype, ...] = ("float32", "float16")
+    for dtype in dtypes:
+        s = PredictionStore.open(tmp_path / dtype, dtype=dtype)
         s.write_epoch("t", 1, parts)
         got = s.read("t", 1, "val", "base")
         assert got.dtype == np.float32

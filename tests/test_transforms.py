@@ -140,6 +140,7 @@ def test_ensemble_transforms_equal_the_brute_force_pipeline(how: str) -> None:
     ens_val, ens_test = manual(val), manual(test)
     got_val, got_test = apply_transform("swa+ens", val, y, test, ensemble=how)  # type: ignore[arg-type]
     np.testing.assert_allclose(got_val, ens_val, rtol=0.02, atol=1e-3)
+    assert got_test is not None
     assert ref.nll(got_test, y) == pytest.approx(ref.nll(ens_test, y), rel=1e-3)
 
     t_ens = ref.grid_temperature(ens_val, y)
@@ -169,10 +170,11 @@ def _step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float = 
     torch.nn.functional.cross_entropy(model(x), y).backward()
     with torch.no_grad():
         for p in model.parameters():
-            p -= lr * p.grad
+            assert p.grad is not None
+            p.sub_(lr * p.grad)
 
 
-def _tiny_model(batchnorm: bool = False) -> torch.nn.Module:
+def _tiny_model(batchnorm: bool = False) -> torch.nn.Sequential:
     torch.manual_seed(0)
     layers: list[torch.nn.Module] = [torch.nn.Linear(4, 8)]
     if batchnorm:
@@ -208,7 +210,9 @@ def test_swa_batchnorm_statistics_are_re_estimated_on_the_given_inputs() -> None
         _step(model, x, y)
         swa.update(model)
     swa.update_bn([x_val])
-    linear, bn = swa.model[0], swa.model[1]
+    averaged = swa.model
+    assert isinstance(averaged, torch.nn.Sequential)
+    linear, bn = averaged[0], averaged[1]
     with torch.no_grad():
         h = linear(x_val)
     torch.testing.assert_close(bn.running_mean, h.mean(dim=0))
