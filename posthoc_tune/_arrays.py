@@ -10,6 +10,15 @@ import torch
 ArrayLike: TypeAlias = np.ndarray | torch.Tensor
 
 
+def _cpu_tensor(x: object, name: str) -> torch.Tensor:
+    """A CPU tensor view of a numpy array or (detached) copy of a tensor on any device."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu")
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(x))
+    raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(x).__name__}")
+
+
 def as_logits(
     logits: object, name: str = "logits", dtype: torch.dtype = torch.float64
 ) -> torch.Tensor:
@@ -17,14 +26,7 @@ def as_logits(
 
     Non-finite values are allowed here: callers decide whether they mean NaN metrics or an error.
     """
-    if isinstance(logits, torch.Tensor):
-        t = logits.detach().to("cpu")
-    elif isinstance(logits, np.ndarray):
-        t = torch.from_numpy(np.ascontiguousarray(logits))
-    else:
-        raise TypeError(
-            f"{name} must be a numpy array or torch tensor, got {type(logits).__name__}"
-        )
+    t = _cpu_tensor(logits, name)
     if t.dtype == torch.bool or t.is_complex():
         raise TypeError(f"{name} must have a real numeric dtype, got {t.dtype}")
     if t.ndim != 2:
@@ -38,14 +40,7 @@ def as_logits(
 
 def as_labels(labels: object, n_rows: int, n_classes: int, name: str = "labels") -> torch.Tensor:
     """Return integer class labels as an int64 CPU tensor, checking length and range."""
-    if isinstance(labels, torch.Tensor):
-        t = labels.detach().to("cpu")
-    elif isinstance(labels, np.ndarray):
-        t = torch.from_numpy(np.ascontiguousarray(labels))
-    else:
-        raise TypeError(
-            f"{name} must be a numpy array or torch tensor, got {type(labels).__name__}"
-        )
+    t = _cpu_tensor(labels, name)
     if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
         raise TypeError(f"{name} must have an integer dtype, got {t.dtype}")
     if t.ndim != 1 or t.shape[0] != n_rows:

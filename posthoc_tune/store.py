@@ -208,7 +208,7 @@ class PredictionStore:
         epoch; prefer :meth:`write_epoch` when all parts are at hand.
         """
         merged: dict[PartKey, ArrayLike] = {}
-        if epoch in self.epochs(trial_id):
+        with contextlib.suppress(KeyError):  # no file yet for this epoch
             merged.update(self.read_epoch(trial_id, epoch))
         merged[(split, variant)] = logits
         self.write_epoch(trial_id, epoch, merged)

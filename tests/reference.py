@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import torch
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -58,3 +59,18 @@ def sample_labels(z: np.ndarray, temperature: float, rng: np.random.Generator) -
     p = softmax(z / temperature)
     u = rng.random((len(z), 1))
     return np.minimum((p.cumsum(axis=1) < u).sum(axis=1), z.shape[1] - 1)
+
+
+def linear_teacher(
+    n_in: int, n_classes: int, sizes: dict[str, int], noise: float, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Inputs ``x{suffix}`` and labels ``y{suffix}`` (argmax of a random linear map plus
+    Gaussian noise) for each ``suffix: n_rows``: learnable data, so temperatures are finite."""
+    g = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(n_in, n_classes, generator=g)
+    out = {}
+    for suffix, n in sizes.items():
+        x = torch.randn(n, n_in, generator=g)
+        out[f"x{suffix}"] = x
+        out[f"y{suffix}"] = (x @ teacher + noise * torch.randn(n, n_classes, generator=g)).argmax(1)
+    return out

@@ -17,15 +17,7 @@ N_IN, C = 6, 4
 
 
 def _data(seed: int = 0) -> dict[str, torch.Tensor]:
-    """A noisy linear teacher: learnable, so temperatures are finite."""
-    g = torch.Generator().manual_seed(seed)
-    teacher = torch.randn(N_IN, C, generator=g)
-    out = {}
-    for name, n in (("", 120), ("_val", 60), ("_test", 50)):
-        x = torch.randn(n, N_IN, generator=g)
-        out[f"x{name}"] = x
-        out[f"y{name}"] = (x @ teacher + 1.5 * torch.randn(n, C, generator=g)).argmax(dim=1)
-    return out
+    return ref.linear_teacher(N_IN, C, {"": 120, "_val": 60, "_test": 50}, noise=1.5, seed=seed)
 
 
 def _model(batchnorm: bool = False) -> torch.nn.Sequential:

@@ -202,6 +202,8 @@ def test_reads_of_missing_things_raise_key_errors(store: PredictionStore) -> Non
     with pytest.raises(KeyError, match="no val/swa logits"):
         store.read("t", 1, "val", "swa")
     assert store.epochs("ghost") == []
+    store.write_metadata("configured_only", {"seed": 1})  # listed before its first epoch
+    assert store.trials() == ["configured_only", "t"]
 
 
 def test_unreachable_storage_names_the_location() -> None:

@@ -22,14 +22,7 @@ N_IN, C = 8, 5
 
 
 def _data() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    teacher = torch.randn(N_IN, C, generator=g)
-    out = {}
-    for name, n in (("", 200), ("_val", 80), ("_test", 70)):
-        x = torch.randn(n, N_IN, generator=g)
-        out[f"x{name}"] = x
-        out[f"y{name}"] = (x @ teacher + 2.0 * torch.randn(n, C, generator=g)).argmax(dim=1)
-    return out
+    return ref.linear_teacher(N_IN, C, {"": 200, "_val": 80, "_test": 70}, noise=2.0)
 
 
 def train(config: dict[str, Any]) -> None:
