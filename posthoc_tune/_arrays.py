@@ -11,7 +11,7 @@ ArrayLike: TypeAlias = np.ndarray | torch.Tensor
 
 
 def _cpu_tensor(x: object, name: str) -> torch.Tensor:
-    """A CPU tensor view of a numpy array or (detached) copy of a tensor on any device."""
+    """A CPU tensor sharing a numpy array's memory, or a detached tensor moved to the CPU."""
     if isinstance(x, torch.Tensor):
         return x.detach().to("cpu")
     if isinstance(x, np.ndarray):
