@@ -63,7 +63,11 @@ def member_seed(config: Mapping[str, Any], seed_key: str = "seed") -> int:
 def with_seeds(param_space: Mapping[str, Any], n: int, key: str = "seed") -> dict[str, Any]:
     """Return a copy of ``param_space`` in which every configuration runs as ``n`` seeds.
 
-    Adds ``key: tune.grid_search([0, ..., n-1])``. Tune's default variant generator draws
+    Adds ``key: tune.grid_search([0, ..., n-1])``. Tune orders grid trials by sorted key
+    path, the first path varying fastest; group decisions (PostHocASHA) come soonest when a
+    configuration's members run together, so name the seed key to sort first (e.g.
+    ``key="_seed"``) or use PostHocSearch, which launches them consecutively. Tune's default
+    variant generator draws
     random domains afresh for each grid point, which would give the seeds of one
     "configuration" different hyperparameters; with random domains in the space, pass
     ``search_alg=BasicVariantGenerator(constant_grid_search=True)`` (a warning says so) or use

@@ -273,7 +273,8 @@ class PostHocReporter:
         result = self._metrics(logits, labels)
         result.update(extra)
         if self.store is not None:  # before tune.report: the driver may read it once reported
-            self._write(logits, labels)
+            temperatures = {v: result[f"temperature/{v}"] for v in variants}
+            self._write(logits, labels, temperatures)
         if self.in_tune:
             self._report(result)
         return result
@@ -297,14 +298,17 @@ class PostHocReporter:
         return result
 
     def _write(
-        self, logits: Mapping[tuple[str, str], np.ndarray], labels: Mapping[str, np.ndarray]
+        self,
+        logits: Mapping[tuple[str, str], np.ndarray],
+        labels: Mapping[str, np.ndarray],
+        temperatures: Mapping[str, float],
     ) -> None:
         assert self.store is not None
         if not self._labels_written:
             for split, y in labels.items():
                 self.store.write_labels(split, y)
             self._labels_written = True
-        self.store.write_epoch(self.trial_id, self.epoch, logits)
+        self.store.write_epoch(self.trial_id, self.epoch, logits, temperatures)
 
     def _extra_metrics(self, metrics: Mapping[str, Any] | None) -> dict[str, float]:
         if metrics is None:

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import posixpath
 import re
 import uuid
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -39,8 +40,18 @@ _META_FILE = re.compile(r"^([^.].*)\.json$")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 _ATOMIC_PUT = {"s3", "gcs", "abfs"}  # filesystems whose uploads become visible only on close
 
+_TEMPERATURES = b"posthoc_tune.temperatures"
+
 Dtype = Literal["float32", "float16"]
 PartKey = tuple[str, str]  # (split, variant)
+
+
+class VariantParts(NamedTuple):
+    """One variant's stored logits for an epoch, by split, with its val-fitted temperature
+    (None when the writer recorded none)."""
+
+    logits: dict[str, np.ndarray]
+    temperature: float | None
 
 
 class StoreError(OSError):
@@ -163,11 +174,19 @@ class PredictionStore:
 
     # -- logits -----------------------------------------------------------------------------
 
-    def write_epoch(self, trial_id: str, epoch: int, logits: Mapping[PartKey, ArrayLike]) -> None:
+    def write_epoch(
+        self,
+        trial_id: str,
+        epoch: int,
+        logits: Mapping[PartKey, ArrayLike],
+        temperatures: Mapping[str, float] | None = None,
+    ) -> None:
         """Write all of one epoch's logits as one file, replacing any earlier file for the epoch.
 
         ``logits`` maps ``(split, variant)`` to an (N, C) array; N must match the split's
-        stored labels when they exist, and every part must have the same C.
+        stored labels when they exist, and every part must have the same C. ``temperatures``
+        maps a variant to the temperature fit on its val logits this epoch; stored in the
+        file's metadata so ensembles on the driver need not refit each member.
         """
         _check_id(trial_id)
         _check_epoch(epoch)
@@ -197,8 +216,19 @@ class PredictionStore:
                     f"{split} labels ({y.size} rows, classes up to {int(y.max())})"
                 )
             parts[(split, variant)] = arr
+        metadata = {}
+        if temperatures:
+            for variant, t in temperatures.items():
+                check_name("variant", variant, VARIANTS)
+                if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
+                    raise ValueError(
+                        f"temperature of {variant!r} must be finite and > 0, got {t!r}"
+                    )
+            metadata[_TEMPERATURES] = json.dumps({v: float(t) for v, t in temperatures.items()})
         self._write_parquet(
-            self._epoch_path(trial_id, epoch), self._epoch_table(trial_id, epoch, parts)
+            self._epoch_path(trial_id, epoch),
+            self._epoch_table(trial_id, epoch, parts),
+            metadata,
         )
 
     def write(self, trial_id: str, epoch: int, split: str, variant: str, logits: ArrayLike) -> None:
@@ -208,10 +238,26 @@ class PredictionStore:
         epoch; prefer :meth:`write_epoch` when all parts are at hand.
         """
         merged: dict[PartKey, ArrayLike] = {}
+        temperatures: dict[str, float] = {}
         with contextlib.suppress(KeyError):  # no file yet for this epoch
             merged.update(self.read_epoch(trial_id, epoch))
+            temperatures = self.temperatures(trial_id, epoch)
         merged[(split, variant)] = logits
-        self.write_epoch(trial_id, epoch, merged)
+        temperatures.pop(variant, None)  # new logits: the old temperature no longer applies
+        self.write_epoch(trial_id, epoch, merged, temperatures)
+
+    def temperatures(self, trial_id: str, epoch: int) -> dict[str, float]:
+        """The val-fitted temperatures recorded with an epoch, by variant (may be empty)."""
+        _check_id(trial_id)
+        _check_epoch(epoch)
+        try:
+            schema = pq.read_schema(self._epoch_path(trial_id, epoch), filesystem=self.filesystem)
+        except FileNotFoundError:
+            raise KeyError(
+                f"trial {trial_id!r} has no stored epoch {epoch} in {self.root!r}"
+            ) from None
+        recorded = json.loads((schema.metadata or {}).get(_TEMPERATURES, b"{}"))
+        return {str(k): float(v) for k, v in recorded.items()}
 
     def read_epoch(self, trial_id: str, epoch: int) -> dict[PartKey, np.ndarray]:
         """All stored parts of one epoch as ``{(split, variant): float32 (N, C) array}``."""
@@ -227,6 +273,22 @@ class PredictionStore:
                 if part.num_rows:
                     out[(split, variant)] = _logits_to_numpy(part.column("logits"))
         return out
+
+    def read_variant(self, trial_id: str, epoch: int, variant: str) -> VariantParts:
+        """One variant's logits for every stored split, and its recorded temperature, in one
+        read; ``KeyError`` if the epoch has no logits of that variant."""
+        check_name("variant", variant, VARIANTS)
+        table = self._read_table(trial_id, epoch, filters=[("variant", "=", variant)])
+        if table.num_rows == 0:
+            raise KeyError(f"trial {trial_id!r} epoch {epoch} has no {variant} logits")
+        logits = {}
+        for split in SPLITS:
+            part = table.filter(pc.equal(table["split"], split))
+            if part.num_rows:
+                logits[split] = _logits_to_numpy(part.column("logits"))
+        recorded = json.loads((table.schema.metadata or {}).get(_TEMPERATURES, b"{}"))
+        t = recorded.get(variant)
+        return VariantParts(logits, None if t is None else float(t))
 
     def read(self, trial_id: str, epoch: int, split: str, variant: str) -> np.ndarray:
         """One part's logits as a float32 (N, C) array; ``KeyError`` if absent."""
@@ -255,6 +317,34 @@ class PredictionStore:
         _check_id(trial_id)
         names = (i.base_name for i in self._list(self._logits_dir(trial_id)))
         return sorted(int(m.group(1)) for m in map(_EPOCH_FILE.match, names) if m)
+
+    # -- driver-side ensemble values --------------------------------------------------------
+
+    def write_ensemble_values(self, group: str, epoch: int, name: str, table: pa.Table) -> None:
+        """Publish one evaluation's ensemble values (see :mod:`posthoc_tune.ensemble`) as
+        ``ensembles/<group>/epoch_NNNNNN.<name>.parquet``, replacing an earlier one."""
+        _check_id(group)
+        _check_epoch(epoch)
+        _check_id(name)
+        path = posixpath.join(self.root, "ensembles", group, f"epoch_{epoch:06d}.{name}.parquet")
+        self._write_parquet(path, table)
+
+    def ensemble_values(self) -> pa.Table | None:
+        """Every published ensemble-values file as one table, or None when there is none."""
+        directory = posixpath.join(self.root, "ensembles")
+        files = [
+            i.path
+            for i in self.filesystem.get_file_info(
+                pafs.FileSelector(directory, recursive=True, allow_not_found=True)
+            )
+            if i.type == pafs.FileType.File
+            and i.base_name.endswith(".parquet")
+            and not i.base_name.startswith(".")
+        ]
+        if not files:
+            return None
+        tables = [pq.read_table(f, filesystem=self.filesystem) for f in sorted(files)]
+        return pa.concat_tables(tables).replace_schema_metadata(None)
 
     # -- internals --------------------------------------------------------------------------
 
@@ -300,11 +390,16 @@ class PredictionStore:
             )
         return tables
 
-    def _write_parquet(self, path: str, tables: pa.Table | list[pa.Table]) -> None:
+    def _write_parquet(
+        self,
+        path: str,
+        tables: pa.Table | list[pa.Table],
+        metadata: Mapping[bytes, str] | None = None,
+    ) -> None:
         """Write tables (one row group each) with zstd, published atomically."""
         tables = tables if isinstance(tables, list) else [tables]
         schema = tables[0].schema.with_metadata(
-            {"posthoc_tune.format_version": str(FORMAT_VERSION)}
+            {b"posthoc_tune.format_version": str(FORMAT_VERSION), **(metadata or {})}
         )
 
         # Dictionary-encoding float logits only bloats the file; byte-stream-split lets zstd

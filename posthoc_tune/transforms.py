@@ -273,6 +273,7 @@ def apply_transform(
     test_members: Sequence[ArrayLike] | None = None,
     *,
     ensemble: Combiner = "logits",
+    member_temperatures: Sequence[float | None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Apply a named transform to members' logits of the right variant; returns (val, test).
 
@@ -281,16 +282,25 @@ def apply_transform(
     transforms need exactly one member. Ensemble transforms temperature-scale each member on
     val, combine, and for ``+ts`` fit one more temperature on the ensemble's val logits. All
     temperatures are fit on val and applied unchanged to test. Outputs are float32 arrays.
+
+    ``member_temperatures`` (ensembles only) supplies temperatures already fit on each
+    member's val logits, e.g. recorded by the reporter, so they are not fit again; ``None``
+    entries are fit here.
     """
     t = parse_transform(name)
     if test_members is not None and len(test_members) != len(val_members):
         raise ValueError(f"got {len(val_members)} val members but {len(test_members)} test members")
     if not t.ens and len(val_members) != 1:
         raise ValueError(f"transform {name!r} takes exactly one member, got {len(val_members)}")
+    if member_temperatures is not None and len(member_temperatures) != len(val_members):
+        raise ValueError(
+            f"got {len(member_temperatures)} member temperatures for {len(val_members)} members"
+        )
     vals = [to_numpy(v) for v in val_members]
     tests = [to_numpy(v) for v in test_members] if test_members is not None else None
     if t.ens:
-        scalers = [TemperatureScaler().fit(v, val_labels) for v in vals]
+        known = member_temperatures or [None] * len(vals)
+        scalers = [_scaler(v, val_labels, t) for v, t in zip(vals, known, strict=True)]
 
         def ensemble_of(parts: list[np.ndarray]) -> list[np.ndarray]:
             scaled = [s.transform(p) for s, p in zip(scalers, parts, strict=True)]
@@ -304,3 +314,19 @@ def apply_transform(
         val = scaler.transform(val)
         test = scaler.transform(test) if test is not None else None
     return val, test
+
+
+def _scaler(val: np.ndarray, labels: ArrayLike, temperature: float | None) -> TemperatureScaler:
+    """A scaler fit on ``val``, or one set to an already-fit ``temperature``."""
+    if temperature is None:
+        return TemperatureScaler().fit(val, labels)
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"member temperature must be finite and > 0, got {temperature!r}")
+    scaler = TemperatureScaler()
+    scaler.temperature_, scaler.n_iter_, scaler.converged_, scaler.fallback_ = (
+        float(temperature),
+        0,
+        True,
+        False,
+    )
+    return scaler

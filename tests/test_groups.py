@@ -37,6 +37,13 @@ def test_with_seeds_gives_every_configuration_n_identical_members() -> None:
     for cfg in configs:
         groups.setdefault(group_key(cfg), []).append(cfg["seed"])
     assert sorted(map(sorted, groups.values())) == [[0, 1, 2], [0, 1, 2]]
+    # The documented ordering: a seed key that sorts first makes members consecutive.
+    ordered = [c for _, c in generate_variants(with_seeds({"lr": tune.grid_search([1, 2])}, 2))]
+    assert [c["seed"] for c in ordered] == [0, 0, 1, 1]
+    ordered = [
+        c for _, c in generate_variants(with_seeds({"lr": tune.grid_search([1, 2])}, 2, "_seed"))
+    ]
+    assert [c["_seed"] for c in ordered] == [0, 1, 0, 1]
 
 
 def test_with_seeds_warns_about_random_domains_and_the_fix_works() -> None:

@@ -81,6 +81,10 @@ def test_reported_metrics_equal_metrics_recomputed_from_the_store(tmp_path: Path
                 z_val = store.read("t0", epoch, "val", variant)
                 t = ref.grid_temperature(z_val, store.labels("val"))
                 assert result[f"temperature/{variant}"] == pytest.approx(t, rel=0.01)
+                # ... and the fitted temperature is recorded with the logits for the driver.
+                parts = store.read_variant("t0", epoch, variant)
+                assert parts.temperature == result[f"temperature/{variant}"]
+                np.testing.assert_array_equal(parts.logits[split], z)
                 assert result[f"{split}/{ts_name}/nll"] == pytest.approx(
                     ref.nll(z / t, y), rel=1e-3
                 )

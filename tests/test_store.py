@@ -72,6 +72,29 @@ def test_single_part_writes_merge_into_one_epoch_file(store: PredictionStore) ->
         np.testing.assert_array_equal(store.read("t", 2, *key), logits)
 
 
+def test_temperatures_travel_with_the_epoch_and_a_rewritten_part_drops_its_own(
+    store: PredictionStore,
+) -> None:
+    parts = _epoch(np.random.default_rng(6))
+    store.write_epoch("t", 1, parts, {"base": 1.5, "swa": 0.25})
+    got = store.read_variant("t", 1, "swa")
+    assert got.temperature == 0.25 and got.logits.keys() == {"val", "test"}
+    for split, logits in got.logits.items():
+        np.testing.assert_array_equal(logits, parts[(split, "swa")])
+    assert store.temperatures("t", 1) == {"base": 1.5, "swa": 0.25}
+    store.write("t", 1, "val", "base", parts[("val", "base")] + 1)
+    assert store.temperatures("t", 1) == {"swa": 0.25}
+    assert store.read_variant("t", 1, "base").temperature is None
+    store.write_epoch("t", 2, {("val", "base"): parts[("val", "base")]})
+    assert store.temperatures("t", 2) == {}
+    with pytest.raises(KeyError, match="epoch 2 has no swa logits"):
+        store.read_variant("t", 2, "swa")
+    with pytest.raises(ValueError, match=r"temperature of 'base' must be finite and > 0, got nan"):
+        store.write_epoch("t", 3, parts, {"base": float("nan")})
+    with pytest.raises(ValueError, match="unknown variant 'ens'"):
+        store.write_epoch("t", 3, parts, {"ens": 1.0})
+
+
 def test_rewriting_an_epoch_replaces_it_without_duplicates(store: PredictionStore) -> None:
     first, second = _epoch(np.random.default_rng(4)), _epoch(np.random.default_rng(5))
     store.write_epoch("t", 1, first)

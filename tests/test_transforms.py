@@ -150,6 +150,19 @@ def test_ensemble_transforms_equal_the_brute_force_pipeline(how: str) -> None:
     assert ref.nll(got_test, y) == pytest.approx(ref.nll(ens_test / t_ens, y), rel=1e-3)
 
 
+def test_given_member_temperatures_replace_the_member_fits() -> None:
+    val, test, y = _members(3)
+    given = [0.5, 2.0, None]  # the last member is fit here
+    got_val, got_test = apply_transform("ens", val, y, test, member_temperatures=given)
+    t_last = ref.grid_temperature(val[2], y)
+    expected = np.mean([val[0] / 0.5, val[1] / 2.0, val[2] / t_last], axis=0)
+    np.testing.assert_allclose(got_val, expected, rtol=0.02, atol=1e-3)
+    with pytest.raises(ValueError, match="got 2 member temperatures for 3 members"):
+        apply_transform("ens", val, y, member_temperatures=[1.0, 1.0])
+    with pytest.raises(ValueError, match="member temperature must be finite and > 0, got -1"):
+        apply_transform("ens", val, y, member_temperatures=[1.0, 1.0, -1.0])
+
+
 def test_single_model_transforms() -> None:
     val, test, y = _members(1, n=1)
     got_val, got_test = apply_transform("base", val, y, test)
