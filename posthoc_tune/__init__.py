@@ -6,6 +6,8 @@ will actually ship.
 """
 
 from posthoc_tune import metrics
+from posthoc_tune.callback import PostHocCallback
+from posthoc_tune.ensemble import EnsembleEvaluator, ensemble_metrics, ensemble_table
 from posthoc_tune.groups import group_key, member_seed, with_seeds
 from posthoc_tune.keys import (
     METRICS,
@@ -18,6 +20,7 @@ from posthoc_tune.keys import (
     parse_transform,
 )
 from posthoc_tune.reporter import PostHocReporter
+from posthoc_tune.schedulers import PostHocASHA
 from posthoc_tune.store import PredictionStore, StoreError
 from posthoc_tune.transforms import TemperatureScaler, WeightAverager, apply_transform, combine
 
@@ -28,6 +31,9 @@ __all__ = [
     "SPLITS",
     "TRANSFORMS",
     "VARIANTS",
+    "EnsembleEvaluator",
+    "PostHocASHA",
+    "PostHocCallback",
     "PostHocReporter",
     "PredictionStore",
     "StoreError",
@@ -35,6 +41,8 @@ __all__ = [
     "WeightAverager",
     "apply_transform",
     "combine",
+    "ensemble_metrics",
+    "ensemble_table",
     "group_key",
     "member_seed",
     "metric_key",

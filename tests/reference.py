@@ -74,3 +74,28 @@ def linear_teacher(
         out[f"x{suffix}"] = x
         out[f"y{suffix}"] = (x @ teacher + noise * torch.randn(n, n_classes, generator=g)).argmax(1)
     return out
+
+
+def ensemble(
+    val: list[np.ndarray],
+    test: list[np.ndarray],
+    y_val: np.ndarray,
+    *,
+    how: str = "logits",
+    final_ts: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The paper's ensemble by brute force: grid-TS each member on val, average logits (or
+    probabilities), then grid-TS the ensemble on val; returns (val, test) logits."""
+    temps = [grid_temperature(v, y_val) for v in val]
+
+    def combine(parts: list[np.ndarray]) -> np.ndarray:
+        scaled = [np.asarray(p, np.float64) / t for p, t in zip(parts, temps, strict=True)]
+        if how == "logits":
+            return np.mean(scaled, axis=0)
+        return np.log(np.mean([softmax(s) for s in scaled], axis=0))
+
+    ens_val, ens_test = combine(val), combine(test)
+    if final_ts:
+        t = grid_temperature(ens_val, y_val)
+        ens_val, ens_test = ens_val / t, ens_test / t
+    return ens_val, ens_test

@@ -155,8 +155,10 @@ def test_given_member_temperatures_replace_the_member_fits() -> None:
     given = [0.5, 2.0, None]  # the last member is fit here
     got_val, got_test = apply_transform("ens", val, y, test, member_temperatures=given)
     t_last = ref.grid_temperature(val[2], y)
-    expected = np.mean([val[0] / 0.5, val[1] / 2.0, val[2] / t_last], axis=0)
-    np.testing.assert_allclose(got_val, expected, rtol=0.02, atol=1e-3)
+    assert got_test is not None
+    for got, parts in ((got_val, val), (got_test, test)):
+        expected = np.mean([parts[0] / 0.5, parts[1] / 2.0, parts[2] / t_last], axis=0)
+        np.testing.assert_allclose(got, expected, rtol=0.02, atol=1e-3)
     with pytest.raises(ValueError, match="got 2 member temperatures for 3 members"):
         apply_transform("ens", val, y, member_temperatures=[1.0, 1.0])
     with pytest.raises(ValueError, match="member temperature must be finite and > 0, got -1"):

@@ -1,0 +1,295 @@
+"""PostHocASHA in real Tune runs: synthetic reversal curves, seed groups, failures, restore."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+
+import posthoc_tune as pht
+from posthoc_tune import PostHocASHA, PostHocReporter, PredictionStore
+from tests import reference as ref
+
+pytestmark = pytest.mark.slow
+
+# -- synthetic learning curves: post-hoc reversal ----------------------------------------------
+
+MAX_T = 16
+REVERSAL = "reversal"
+
+
+def curves(config: dict[str, Any]) -> None:
+    """Deterministic curves. ``reversal``: its base loss is best early and overfits after
+    epoch 3, while its post-hoc (SWA+TS) loss is the best of all and keeps improving. The
+    others improve slowly and steadily on both."""
+    for epoch in range(1, MAX_T + 1):
+        if config["curve"] == REVERSAL:
+            base = 0.8 - 0.1 * min(epoch, 3) + 0.15 * max(0, epoch - 3)
+            posthoc = 0.5 - 0.2 * (1 - 0.8**epoch)
+        else:
+            k = int(config["curve"])
+            base = 0.8 + 0.05 * k - 0.02 * epoch
+            posthoc = 0.6 + 0.05 * k - 0.005 * epoch
+        tune.report({"val/base/nll": base, "val/swa+ts/nll": posthoc, "epoch": epoch})
+
+
+def _run_curves(run_tune: Any, scheduler: Any, name: str, **run: Any) -> dict[str, int]:
+    space = {"curve": tune.grid_search([*map(str, range(7)), REVERSAL])}  # reversal starts last
+    results = run_tune(
+        curves,
+        space,
+        name=name,
+        tune_config={"scheduler": scheduler, "max_concurrent_trials": 1},
+        run_config=run,
+    )
+    assert not results.errors
+    return {r.config["curve"]: r.metrics["training_iteration"] for r in results}
+
+
+def test_posthoc_asha_keeps_the_reversal_configuration_that_stock_asha_prunes(
+    run_tune: Any,
+) -> None:
+    asha: dict[str, Any] = dict(max_t=MAX_T, grace_period=1, reduction_factor=2, mode="min")
+    stock = _run_curves(run_tune, ASHAScheduler(metric="val/base/nll", **asha), "stock")
+    posthoc = PostHocASHA(metric="val/swa+ts/nll", **asha)
+    ours = _run_curves(run_tune, posthoc, "posthoc", callbacks=[posthoc.callback])
+    assert stock[REVERSAL] < MAX_T  # pruned on its overfitting base loss
+    assert ours[REVERSAL] == MAX_T  # kept: its post-hoc loss is the best throughout
+    assert sum(ours.values()) < len(ours) * MAX_T  # and still cheaper than running everything
+    # Second implementation: stock ASHA on the per-trial post-hoc key decides the same.
+    stock_posthoc = _run_curves(
+        run_tune, ASHAScheduler(metric="val/swa+ts/nll", **asha), "stock_posthoc"
+    )
+    assert stock_posthoc == ours
+
+
+# -- seed groups with the reporter -------------------------------------------------------------
+
+N_IN, C, SEEDS, EPOCHS = 8, 5, 3, 9
+SEED_KEY = "_seed"  # sorts first, so Tune launches a configuration's seeds together
+GROUP_KEY = "val/swa+ens+ts/nll"
+
+
+def _data() -> dict[str, torch.Tensor]:
+    return ref.linear_teacher(N_IN, C, {"": 300, "_val": 120, "_test": 100}, noise=2.0)
+
+
+def _wait_for_siblings(store: PredictionStore, config: dict[str, Any]) -> None:
+    """Start training only once every seed of the configuration has started: removes actor
+    start-up skew, which in real runs is small next to an epoch."""
+    group = pht.group_key(config, SEED_KEY)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        started = [t for t in store.trials() if store.metadata(t)["group"] == group]
+        if len(started) >= SEEDS:
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"siblings of {config} did not start")
+
+
+def train(config: dict[str, Any]) -> None:
+    """Deterministic full-batch training of a small BatchNorm MLP with the reporter."""
+    d = _data()
+    torch.manual_seed(config[SEED_KEY])
+    model = torch.nn.Sequential(
+        torch.nn.Linear(N_IN, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(), torch.nn.Linear(32, C)
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=0.9)
+    reporter = PostHocReporter(
+        model,
+        config,
+        val=(d["x_val"], d["y_val"]),
+        test=(d["x_test"], d["y_test"]),
+        seed_key=SEED_KEY,
+        checkpoint={"optimizer": opt},
+    )
+    assert reporter.store is not None
+    _wait_for_siblings(reporter.store, config)
+    fail_lr, fail_seed, fail_epoch = config.get("__fail", (None, None, None))
+    for epoch in range(reporter.epoch + 1, EPOCHS + 1):
+        if (config["lr"], config[SEED_KEY], epoch) == (fail_lr, fail_seed, fail_epoch):
+            raise RuntimeError("simulated member failure")
+        model.train()
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(d["x"]), d["y"]).backward()
+        opt.step()
+        time.sleep(0.02)
+        reporter.step()
+
+
+def _scheduler() -> PostHocASHA:
+    return PostHocASHA(
+        metric=GROUP_KEY,
+        mode="min",
+        max_t=EPOCHS,
+        grace_period=1,
+        reduction_factor=3,
+        seed_key=SEED_KEY,
+    )
+
+
+def _space(lrs: list[float], **extra: Any) -> dict[str, Any]:
+    return pht.with_seeds({"lr": tune.grid_search(lrs), **extra}, SEEDS, SEED_KEY)
+
+
+def _tune_kwargs(scheduler: PostHocASHA, **run: Any) -> dict[str, Any]:
+    return {
+        "tune_config": {"scheduler": scheduler},
+        "run_config": {"callbacks": [scheduler.callback], **run},
+    }
+
+
+def _recomputed(store: PredictionStore, members: list[str], epoch: int) -> dict[str, float]:
+    """The group key's value recomputed from the store by the brute-force pipeline."""
+    val = [store.read(m, epoch, "val", "swa") for m in members]
+    test = [store.read(m, epoch, "test", "swa") for m in members]
+    ev, et = ref.ensemble(val, test, store.labels("val"))
+    return {
+        "val/swa+ens+ts/nll": ref.nll(ev, store.labels("val")),
+        "test/swa+ens+ts/nll": ref.nll(et, store.labels("test")),
+    }
+
+
+def _iterations(results: Any) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "trial_id": r.metrics["trial_id"],
+            "group": pht.group_key(r.config, SEED_KEY),
+            "last": r.metrics["training_iteration"],
+        }
+        for r in results
+    )
+
+
+def test_groups_are_decided_as_a_whole_on_values_recomputable_from_the_store(
+    run_tune: Any,
+) -> None:
+    scheduler = _scheduler()
+    results = run_tune(
+        tune.with_resources(train, {"cpu": 0.66}),  # one configuration's 3 seeds at a time
+        _space([0.3, 0.003, 0.1]),
+        **_tune_kwargs(scheduler),
+    )
+    assert len(results) == 9 and not results.errors
+    store = PredictionStore.open(results.experiment_path)
+    decisions = scheduler.decisions
+    assert set(decisions["n_members"]) == {SEEDS}
+
+    # Whole-group decisions: a stopped group has every member stopped after the rung it lost
+    # at and before max_t; a surviving group has every member at max_t.
+    trials = _iterations(results)
+    outcomes = {}
+    for group, members in trials.groupby("group"):
+        lost = decisions[(decisions["arm"] == group) & (decisions["decision"] == "STOP")]
+        if lost.empty:
+            assert (members["last"] == EPOCHS).all(), members
+            outcomes[group] = "kept"
+        else:
+            milestone = lost["milestone"].iloc[0]
+            assert members["last"].between(milestone, EPOCHS - 1).all(), members
+            outcomes[group] = "stopped"
+    assert set(outcomes.values()) == {"kept", "stopped"}  # both kinds of decision happened
+
+    # Every persisted ensemble value equals the brute-force recomputation from the store,
+    # and equals the value the scheduler judged.
+    table = pht.ensemble_table(store)
+    assert len(table) and set(table["n_members"]) == {SEEDS}
+    for (group, epoch), rows in table.groupby(["group", "epoch"]):
+        values = dict(zip(rows["key"], rows["value"], strict=True))
+        expected = _recomputed(store, list(rows["members"].iloc[0]), int(epoch))
+        for key, value in expected.items():
+            assert values[key] == pytest.approx(value, rel=1e-3), (group, epoch, key)
+        judged = decisions[(decisions["arm"] == group) & (decisions["epoch"] == epoch)]
+        assert judged["value"].iloc[0] == values[GROUP_KEY]
+
+    # The callback wrote each value into the result of the member that completed the rung.
+    rows = pd.concat(
+        r.metrics_dataframe.assign(group=pht.group_key(r.config, SEED_KEY)) for r in results
+    )
+    for (group, epoch), expected_rows in table[table["key"] == GROUP_KEY].groupby(
+        ["group", "epoch"]
+    ):
+        logged = rows[(rows["group"] == group) & (rows["epoch"] == epoch)][GROUP_KEY]
+        assert (logged == expected_rows["value"].iloc[0]).any()
+
+
+def test_a_failing_member_leaves_its_group_decided_on_the_others(run_tune: Any) -> None:
+    scheduler = _scheduler()
+    results = run_tune(
+        tune.with_resources(train, {"cpu": 0.66}),
+        _space([0.3, 0.1], __fail=(0.3, 1, 2)),
+        **_tune_kwargs(scheduler),
+    )
+    assert len(results) == 6 and len(results.errors) == 1
+    failed = next(r for r in results if r.error is not None)
+    assert (failed.config["lr"], failed.config[SEED_KEY]) == (0.3, 1)
+    group = pht.group_key(failed.config, SEED_KEY)
+    rows = scheduler.decisions[scheduler.decisions["arm"] == group]
+    # Rung 1 had all three members; every later rung was decided on the two survivors.
+    assert list(rows["n_members"]) == [3, *[2] * (len(rows) - 1)] and len(rows) > 1
+    failed_id = failed.metrics["trial_id"]
+    assert all(failed_id not in members for members in rows["members"].iloc[1:])
+    survivors = [
+        r for r in results if r.error is None and pht.group_key(r.config, SEED_KEY) == group
+    ]
+    assert len(survivors) == 2
+
+
+class _Interrupt(tune.Callback):
+    """Aborts the run once ``after`` trials have completed, the first time only."""
+
+    def __init__(self, marker: Path, after: int) -> None:
+        self.marker, self.after, self.completed = marker, after, 0
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.completed += 1
+
+    def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        if self.completed >= self.after and not self.marker.exists():
+            self.marker.touch()
+            raise RuntimeError("simulated driver crash")
+
+
+def test_rung_records_survive_tuner_restore(
+    ray_session: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "0")  # checkpoint the experiment every step
+    scheduler = _scheduler()
+    trainable = tune.with_resources(train, {"cpu": 0.66})
+    tuner = tune.Tuner(
+        trainable,
+        param_space=_space([0.3, 0.003]),  # the good configuration runs first
+        tune_config=tune.TuneConfig(scheduler=scheduler, reuse_actors=True, time_budget_s=180),
+        run_config=tune.RunConfig(
+            name="exp",
+            storage_path=str(tmp_path / "ray"),
+            verbose=0,
+            callbacks=[scheduler.callback, _Interrupt(tmp_path / "crashed", after=SEEDS)],
+        ),
+    )
+    with pytest.raises(Exception, match="simulated driver crash"):
+        tuner.fit()
+    before = scheduler.decisions
+    assert set(before["n_members"]) == {SEEDS} and (before["decision"] == "CONTINUE").all()
+
+    path = str(tmp_path / "ray" / "exp")
+    results = tune.Tuner.restore(path, trainable, resume_unfinished=True).fit()
+    assert len(results) == 2 * SEEDS and not results.errors
+    trials = _iterations(results)
+    good, bad = (pht.group_key({"lr": lr}, SEED_KEY) for lr in (0.3, 0.003))
+    assert (trials[trials["group"] == good]["last"] == EPOCHS).all()
+    # The bad configuration ran only after the restore. It lost at the first rung against
+    # the good one's record from before the crash; had the records been lost, it would have
+    # been the first group at that rung, which always passes.
+    assert (trials[trials["group"] == bad]["last"] < EPOCHS).all()
+    table = pht.ensemble_table(PredictionStore.open(path))
+    first = table[(table["group"] == bad) & (table["key"] == GROUP_KEY)]
+    assert list(first["epoch"]) == [1]
+    assert not np.isnan(first["value"].iloc[0])

@@ -1,0 +1,189 @@
+"""PostHocASHA on per-trial keys: the same decisions as Ray's ASHAScheduler, and validation.
+
+Result streams are fed through the schedulers' hooks exactly as Tune's controller calls them
+(on_trial_add, on_trial_result until STOP or the stream's end, then on_trial_complete), with
+real ``Trial`` objects; per-trial keys never touch the controller.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+from posthoc_tune import PostHocASHA
+
+KEY = "val/base/nll"
+Event = tuple[int, dict[str, Any]]
+
+
+def _streams(rng: np.random.Generator, n_trials: int, max_t: int) -> list[list[dict[str, Any]]]:
+    """Random learning curves; time mostly advances by 1, sometimes jumps (skipping rungs)."""
+    streams = []
+    for _ in range(n_trials):
+        t, rows = 0, []
+        length = int(rng.integers(1, max_t + 3))
+        level = rng.uniform(0.5, 2.0)
+        for _ in range(length):
+            t += int(rng.choice([1, 1, 1, 2, 3]))
+            level *= rng.uniform(0.8, 1.1)
+            rows.append({"training_iteration": t, KEY: level, "epoch": t})
+        streams.append(rows)
+    return streams
+
+
+def _events(streams: list[list[dict[str, Any]]], concurrent: bool, seed: int) -> list[Event]:
+    if not concurrent:
+        return [(i, row) for i, rows in enumerate(streams) for row in rows]
+    rng = np.random.default_rng(seed)
+    cursors = [0] * len(streams)
+    events = []
+    while any(c < len(s) for c, s in zip(cursors, streams, strict=True)):
+        live = [i for i, s in enumerate(streams) if cursors[i] < len(s)]
+        i = int(rng.choice(live[:4]))  # about four trials in flight at once
+        events.append((i, streams[i][cursors[i]]))
+        cursors[i] += 1
+    return events
+
+
+def _drive(scheduler: TrialScheduler, events: list[Event], n_trials: int, seed: int) -> list[str]:
+    """Feed events like Tune's controller; returns every decision in order."""
+    np.random.seed(seed)  # bracket assignment draws from numpy's global RNG, as in Ray
+    trials = [Trial("t", stub=True, trial_id=f"trial_{i:03d}", config={}) for i in range(n_trials)]
+    added: set[int] = set()
+    ended: set[int] = set()
+    last_index = {i: max(j for j, (k, _) in enumerate(events) if k == i) for i, _ in events}
+    decisions = []
+    for j, (i, row) in enumerate(events):
+        if i in ended:
+            continue
+        if i not in added:
+            added.add(i)
+            scheduler.on_trial_add(None, trials[i])  # type: ignore[arg-type]
+        action = scheduler.on_trial_result(None, trials[i], dict(row))  # type: ignore[arg-type]
+        decisions.append(f"{i}:{row['training_iteration']}:{action}")
+        if action == TrialScheduler.STOP or j == last_index[i]:
+            ended.add(i)
+            scheduler.on_trial_complete(None, trials[i], dict(row))  # type: ignore[arg-type]
+    return decisions
+
+
+SETTINGS = [
+    # (grace_period, reduction_factor, max_t, brackets, stop_last_trials, mode)
+    (1, 4, 20, 1, True, "min"),
+    (1, 2, 16, 1, True, "min"),
+    (2, 3, 30, 2, True, "min"),
+    (1, 2, 12, 3, False, "max"),
+    (1, 1.5, 10, 1, True, "min"),
+]
+
+
+@pytest.mark.parametrize("concurrent", [False, True], ids=["sequential", "concurrent"])
+@pytest.mark.parametrize("setting", SETTINGS, ids=[str(s) for s in SETTINGS])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_decisions_equal_ray_asha_on_the_same_result_streams(
+    setting: tuple[Any, ...], concurrent: bool, seed: int
+) -> None:
+    grace, rf, max_t, brackets, stop_last, mode = setting
+    kwargs: dict[str, Any] = dict(
+        metric=KEY,
+        mode=mode,
+        max_t=max_t,
+        grace_period=grace,
+        reduction_factor=rf,
+        brackets=brackets,
+        stop_last_trials=stop_last,
+    )
+    streams = _streams(np.random.default_rng(seed), 40, max_t)
+    events = _events(streams, concurrent, seed)
+    with pytest.warns(UserWarning, match="callback is not registered"):
+        ours = _drive(PostHocASHA(**kwargs), events, len(streams), seed)
+    ray = _drive(ASHAScheduler(**kwargs), events, len(streams), seed)
+    assert ours == ray
+    stops = sum(d.endswith(TrialScheduler.STOP) for d in ours)
+    assert 0 < stops < len(streams) + 1  # the streams exercise both decisions
+
+
+def test_rung_value_best_judges_the_running_best() -> None:
+    """Second implementation: Ray's ASHA fed the running minimum of the same curves."""
+    rng = np.random.default_rng(7)
+    streams = _streams(rng, 30, 16)
+    for rows in streams:  # curves that overfit: late values are worse than early ones
+        for k, row in enumerate(rows):
+            row[KEY] = row[KEY] + 0.05 * k * rng.uniform()
+    running_min = [
+        [{**row, KEY: min(r[KEY] for r in rows[: k + 1])} for k, row in enumerate(rows)]
+        for rows in streams
+    ]
+    kwargs: dict[str, Any] = dict(
+        metric=KEY, mode="min", max_t=16, grace_period=1, reduction_factor=2
+    )
+    events = _events(streams, True, 3)
+    with pytest.warns(UserWarning):
+        ours = _drive(PostHocASHA(**kwargs, rung_value="best"), events, 30, 3)
+    ray = _drive(ASHAScheduler(**kwargs), _events(running_min, True, 3), 30, 3)
+    assert ours == ray
+    with pytest.warns(UserWarning):
+        last = _drive(PostHocASHA(**kwargs), events, 30, 3)
+    assert last != ours  # "best" and "last" really differ on overfitting curves
+
+
+def test_nan_ranks_worst_where_ray_lets_it_pass() -> None:
+    trials = [Trial("t", stub=True, trial_id=f"t{i}", config={}) for i in range(3)]
+    ours = PostHocASHA(metric=KEY, mode="min", max_t=4, grace_period=1, reduction_factor=2)
+    ray = ASHAScheduler(metric=KEY, mode="min", max_t=4, grace_period=1, reduction_factor=2)
+    for s in (ours, ray):
+        for t in trials:
+            s.on_trial_add(None, t)  # type: ignore[arg-type]
+    first = {"training_iteration": 1, KEY: 0.5}
+    nan = {"training_iteration": 1, KEY: math.nan}
+    with pytest.warns(UserWarning, match="callback is not registered"):  # no Tune run here
+        assert ours.on_trial_result(None, trials[0], first) == "CONTINUE"
+    assert ray.on_trial_result(None, trials[0], first) == "CONTINUE"  # type: ignore[arg-type]
+    assert ours.on_trial_result(None, trials[1], nan) == "STOP"
+    assert ray.on_trial_result(None, trials[1], nan) == "CONTINUE"  # type: ignore[arg-type]
+    # NaN values never enter a cutoff: a finite value still passes against 0.5.
+    assert ours.on_trial_result(None, trials[2], first) == "CONTINUE"
+    assert list(ours.decisions["decision"]) == ["CONTINUE", "STOP", "CONTINUE"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"metric": "val/base/loss"}, "unknown metric 'loss'"),
+        ({"metric": "accuracy"}, "not of the form 'split/transform/metric'"),
+        ({"metric": "val/ens+swa/nll"}, r"unknown transform 'ens\+swa'"),
+        ({"mode": "minimize"}, "mode must be 'min' or 'max', got 'minimize'"),
+        ({"max_t": 0}, "max_t must be a number > 0, got 0"),
+        ({"grace_period": 5, "max_t": 4}, r"grace_period \(5\) must be <= max_t \(4\)"),
+        ({"reduction_factor": 1}, "reduction_factor must be a number > 1, got 1"),
+        ({"brackets": 0}, "brackets must be an int >= 1, got 0"),
+        ({"rung_value": "mean"}, "rung_value must be 'last' or 'best', got 'mean'"),
+        ({"seed_key": ""}, "seed_key must be a non-empty string"),
+        ({"ensemble": "votes"}, "ensemble must be 'logits' or 'probs', got 'votes'"),
+        ({"time_attr": ""}, "time_attr must be a non-empty string"),
+    ],
+)
+def test_arguments_are_validated(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        PostHocASHA(**kwargs)
+
+
+def test_metric_and_mode_from_tune_config_and_missing_ones() -> None:
+    scheduler = PostHocASHA()
+    assert scheduler.set_search_properties("val/swa+ens+ts/nll", "min")
+    assert scheduler.is_group_metric
+    assert not scheduler.set_search_properties("val/base/nll", None)  # already has a metric
+    with pytest.raises(ValueError, match="unknown split 'train'"):
+        PostHocASHA().set_search_properties("train/base/nll", "min")
+    trial = Trial("t", stub=True, trial_id="t0", config={"seed": 0})
+    with pytest.raises(ValueError, match="needs a metric key and a mode"):
+        PostHocASHA(metric=KEY).on_trial_add(None, trial)
+    no_seed = Trial("t", stub=True, trial_id="t1", config={"lr": 0.1})
+    group_scheduler = PostHocASHA(metric="val/ens+ts/nll", mode="min")
+    with pytest.raises(ValueError, match="config has no seed key 'seed'"):
+        group_scheduler.on_trial_add(None, no_seed)
