@@ -159,10 +159,12 @@ def _newton_log_temperature(
         step = max(-1.0, min(1.0, -g / h if h > 0 else -math.copysign(1.0, g)))
         if abs(step) < 1e-6:  # Newton step below the float32 resolution of the objective
             return min(max(u + step, lo), hi), it, True
-        while True:  # backtrack until the NLL decreases (Armijo)
+        while True:  # backtrack until the NLL decreases (Armijo) or the gradient vanishes
             u_new = min(max(u + step, lo), hi)
             f_new, g_new, h_new = objective(u_new)
-            if f_new <= f + 1e-4 * g * (u_new - u) or abs(step) < 1e-6:
+            # Near the optimum the float32 NLL is flat to within its rounding noise, so Armijo
+            # can reject an exact Newton step; a vanished gradient is then the better test.
+            if f_new <= f + 1e-4 * g * (u_new - u) or abs(g_new) < tol or abs(step) < 1e-6:
                 break
             step /= 2
         u, f, g, h = u_new, f_new, g_new, h_new
@@ -303,6 +305,8 @@ def apply_transform(
         scalers = [_scaler(v, val_labels, t) for v, t in zip(vals, known, strict=True)]
 
         def ensemble_of(parts: list[np.ndarray]) -> list[np.ndarray]:
+            if ensemble == "logits":  # one fused pass per member, no stacked copy
+                return [_scaled_mean(parts, [s.temperature_ for s in scalers])]
             scaled = [s.transform(p) for s, p in zip(scalers, parts, strict=True)]
             return [combine(scaled, ensemble)]
 
@@ -330,3 +334,16 @@ def _scaler(val: np.ndarray, labels: ArrayLike, temperature: float | None) -> Te
         False,
     )
     return scaler
+
+
+def _scaled_mean(parts: Sequence[np.ndarray], temperatures: Sequence[float]) -> np.ndarray:
+    """``mean_k(parts[k] / temperatures[k])``, accumulated in place (float32)."""
+    shapes = {p.shape for p in parts}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"ensemble members must share one (n_rows, n_classes) shape, got {sorted(shapes)}"
+        )
+    out = torch.zeros(parts[0].shape, dtype=torch.float32)
+    for part, temperature in zip(parts, temperatures, strict=True):
+        out.add_(torch.from_numpy(part), alpha=1.0 / (len(parts) * temperature))
+    return out.numpy()

@@ -5,6 +5,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -174,7 +175,33 @@ def test_plain_pyarrow_reads_the_store_as_documented(store: PredictionStore) -> 
     assert store.metadata("a") == meta
     schema = pq.read_schema(root / "logits" / "a" / "epoch_000001.parquet")
     assert schema.metadata[b"posthoc_tune.format_version"] == b"1"
-    assert str(schema.field("logits").type) == "fixed_size_list<element: float>[7]"
+    assert str(schema.field("logits").type) == "fixed_size_list<element: float not null>[7]"
+
+
+def test_an_epoch_file_written_by_another_tool_reads_the_same(store: PredictionStore) -> None:
+    """Parts in any row-group arrangement (here: one row group, rows interleaved) read back
+    like the store's own one-part-per-row-group files."""
+    parts = _epoch(np.random.default_rng(8))
+    store.write_epoch("mine", 1, parts)
+    own = pq.read_table(Path(store.root, "logits", "mine", "epoch_000001.parquet"))
+    shuffled = own.take(np.random.default_rng(9).permutation(own.num_rows))
+    foreign = Path(store.root, "logits", "foreign", "epoch_000001.parquet")
+    foreign.parent.mkdir(parents=True)
+    pq.write_table(shuffled.cast(own.schema), foreign, row_group_size=own.num_rows)
+    assert pq.ParquetFile(foreign).metadata.num_row_groups == 1
+    got = store.read_epoch("foreign", 1)
+    assert got.keys() == parts.keys()
+    for key, logits in parts.items():
+        order = np.argsort(
+            shuffled.filter(
+                pc.and_(pc.equal(shuffled["split"], key[0]), pc.equal(shuffled["variant"], key[1]))
+            )["row"].to_numpy()
+        )
+        np.testing.assert_array_equal(got[key][order], logits)
+    np.testing.assert_array_equal(
+        np.sort(store.read("foreign", 1, "val", "swa"), axis=0),
+        np.sort(parts[("val", "swa")], axis=0),
+    )
 
 
 def test_works_through_a_subtree_filesystem(tmp_path: Path) -> None:
