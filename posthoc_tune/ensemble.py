@@ -13,18 +13,20 @@ them and a restarted driver does not recompute them.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 
-from posthoc_tune.keys import SPLITS, parse_transform
+from posthoc_tune.keys import SPLITS, Transform, check_name, parse_transform
 from posthoc_tune.metrics import evaluate
-from posthoc_tune.store import PredictionStore
+from posthoc_tune.store import PredictionStore, VariantParts
 from posthoc_tune.transforms import Combiner, apply_transform
 
+_READ_THREADS = 8
 COLUMNS = ("group", "epoch", "transform", "combiner", "n_members", "members", "key", "value")
 
 
@@ -67,45 +69,70 @@ def ensemble_metrics(
     transform: str,
     *,
     ensemble: Combiner = "logits",
+    splits: Sequence[str] = SPLITS,
 ) -> tuple[tuple[str, ...], dict[str, float]]:
     """Metrics of the ensemble of ``members`` at ``epoch`` under an ensemble ``transform``.
 
-    Members without the epoch's logits of the transform's variant are left out. Returns the
-    members used and every ``{split}/{transform}/{metric}`` value for the splits all used
-    members stored (NaN values when no member has the epoch).
+    Members without the epoch's logits of the transform's variant are left out; members are
+    read in parallel threads (decoding releases the GIL). Returns the members used and every
+    ``{split}/{transform}/{metric}`` value for those of ``splits`` (val is always read: the
+    temperatures are fit on it) that all used members stored; NaN values when no member has
+    the epoch.
     """
+    variant = _ensemble_transform(transform).variant
+    ids = sorted(set(members))
+    with ThreadPoolExecutor(max_workers=min(_READ_THREADS, max(1, len(ids)))) as pool:
+        parts = list(pool.map(lambda m: _read(store, m, epoch, variant, splits), ids))
+    return _metrics(store, dict(zip(ids, parts, strict=True)), transform, ensemble, splits)
+
+
+def _ensemble_transform(transform: str) -> Transform:
     t = parse_transform(transform)
     if not t.ens:
         raise ValueError(
             f"transform {transform!r} is per-trial; ensemble_metrics takes one with 'ens'"
         )
-    used, logits, temperatures = [], [], []
-    for trial_id in sorted(set(members)):
-        try:
-            parts = store.read_variant(trial_id, epoch, t.variant)
-        except KeyError:
-            continue
-        used.append(trial_id)
-        logits.append(parts.logits)
-        temperatures.append(parts.temperature)
-    if not used:
+    return t
+
+
+def _read(
+    store: PredictionStore, trial_id: str, epoch: int, variant: str, splits: Sequence[str]
+) -> VariantParts | None:
+    """A member's logits for ``splits`` plus val, or None when it lacks the epoch."""
+    try:
+        parts = store.read_variant(trial_id, epoch, variant, {"val", *splits})
+    except KeyError:
+        return None
+    return parts if "val" in parts.logits else None
+
+
+def _metrics(
+    store: PredictionStore,
+    parts: Mapping[str, VariantParts | None],
+    transform: str,
+    ensemble: Combiner,
+    splits: Sequence[str],
+) -> tuple[tuple[str, ...], dict[str, float]]:
+    """The ensemble's metrics from its members' read parts (members read as None left out)."""
+    found = {m: p for m, p in sorted(parts.items()) if p is not None}
+    if not found:
         return (), {f"val/{transform}/{m}": math.nan for m in ("nll", "error", "ece", "brier")}
-    splits = [s for s in SPLITS if all(s in parts for parts in logits)]
+    logits = [p.logits for p in found.values()]
     y_val = store.labels("val")
-    test = [parts["test"] for parts in logits] if "test" in splits else None
+    has_test = "test" in splits and all("test" in z for z in logits)
     val_z, test_z = apply_transform(
         transform,
-        [parts["val"] for parts in logits],
+        [z["val"] for z in logits],
         y_val,
-        test,
+        [z["test"] for z in logits] if has_test else None,
         ensemble=ensemble,
-        member_temperatures=temperatures,
+        member_temperatures=[p.temperature for p in found.values()],
     )
     values = {f"val/{transform}/{m}": v for m, v in evaluate(val_z, y_val).items()}
     if test_z is not None:
         y_test = store.labels("test")
         values.update({f"test/{transform}/{m}": v for m, v in evaluate(test_z, y_test).items()})
-    return tuple(used), values
+    return tuple(found), values
 
 
 class EnsembleEvaluator:
@@ -114,11 +141,18 @@ class EnsembleEvaluator:
     Args:
         store: the experiment's prediction store.
         ensemble: ``"logits"`` (mean of logits, the paper) or ``"probs"``.
+        splits: splits to evaluate; schedulers decide on val alone, so reading test too
+            would double the driver's work at every rung.
         persist: publish every evaluation to the store (``posthoc/ensembles/``).
     """
 
     def __init__(
-        self, store: PredictionStore, *, ensemble: Combiner = "logits", persist: bool = True
+        self,
+        store: PredictionStore,
+        *,
+        ensemble: Combiner = "logits",
+        splits: Sequence[str] = SPLITS,
+        persist: bool = True,
     ) -> None:
         if ensemble not in ("logits", "probs"):
             raise ValueError(
@@ -126,8 +160,29 @@ class EnsembleEvaluator:
             )
         self.store = store
         self.ensemble: Combiner = ensemble
+        self.splits = tuple(check_name("split", s, SPLITS) for s in splits)
         self.persist = persist
         self._cache: dict[tuple[str, int, str], EnsembleValue] = {}
+        self._pending: dict[tuple[str, int, str], Future[VariantParts | None]] = {}
+        self._pool: ThreadPoolExecutor | None = None
+
+    def prefetch(self, trial_id: str, epoch: int, variant: str) -> None:
+        """Start reading a member's logits in a background thread, so that the read is done
+        when its group is judged (the driver is not blocked meanwhile)."""
+        key = (trial_id, epoch, variant)
+        if key not in self._pending:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="posthoc-read")
+            self._pending[key] = self._pool.submit(
+                _read, self.store, trial_id, epoch, variant, self.splits
+            )
+
+    def discard(self, members: Iterable[str], up_to_epoch: int | None = None) -> None:
+        """Drop prefetched reads of ``members`` (those up to an epoch, or all)."""
+        gone = set(members)
+        for key in [k for k in self._pending if k[0] in gone]:
+            if up_to_epoch is None or key[1] <= up_to_epoch:
+                self._pending.pop(key).cancel()
 
     def evaluate(
         self, group: str, epoch: int, members: Sequence[str], transform: str
@@ -138,9 +193,13 @@ class EnsembleEvaluator:
         cached = self._cache.get(key)
         if cached is not None and set(cached.members) == set(members):
             return cached
-        used, values = ensemble_metrics(
-            self.store, members, epoch, transform, ensemble=self.ensemble
-        )
+        variant = _ensemble_transform(transform).variant
+        ids = sorted(set(members))
+        for m in ids:
+            self.prefetch(m, epoch, variant)  # a no-op for reads already under way
+        parts = {m: self._pending[(m, epoch, variant)].result() for m in ids}
+        self.discard(ids, up_to_epoch=epoch)
+        used, values = _metrics(self.store, parts, transform, self.ensemble, self.splits)
         value = EnsembleValue(group, epoch, transform, self.ensemble, used, values)
         self._cache[key] = value
         if self.persist and used:

@@ -19,8 +19,8 @@ driver's ensemble values into the trials' results.
 from __future__ import annotations
 
 import copy
-import logging
 import math
+import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -41,8 +41,6 @@ from posthoc_tune.transforms import Combiner
 
 if TYPE_CHECKING:
     from posthoc_tune.callback import PostHocCallback
-
-logger = logging.getLogger(__name__)
 
 RungValue = Literal["last", "best"]
 _LIVE, _DONE, _ERROR = "live", "done", "error"
@@ -86,6 +84,9 @@ class PostHocASHA(FIFOScheduler):
         seed_key: the config key that separates the members of one group.
         ensemble: ensemble combiner for group keys: ``"logits"`` (the paper) or ``"probs"``.
         stop_last_trials: stop trials at ``max_t`` (as in Ray).
+        store: where group keys read members' predictions: a :class:`PredictionStore`, an
+            experiment path or URI, or None for the experiment's own storage (found from the
+            trials). Per-trial keys never read the store.
     """
 
     def __init__(
@@ -101,6 +102,7 @@ class PostHocASHA(FIFOScheduler):
         seed_key: str = "seed",
         ensemble: Combiner = "logits",
         stop_last_trials: bool = True,
+        store: PredictionStore | str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__()
         if metric is not None:
@@ -145,6 +147,9 @@ class PostHocASHA(FIFOScheduler):
         self._decisions: list[dict[str, Any]] = []
         self._num_stopped = 0
         self._trials: dict[str, Trial] = {}
+        self._store = (
+            PredictionStore.open(store) if isinstance(store, (str, os.PathLike)) else store
+        )
         self._evaluator: EnsembleEvaluator | None = None
         self._callback: PostHocCallback | None = None
         self._callback_attached = False
@@ -234,7 +239,8 @@ class PostHocASHA(FIFOScheduler):
             member = self._member(trial_id)
             if member is None:
                 return
-            if result and self._time_attr in result:
+            group = self._groups[self._trial_arm[trial_id]]
+            if result and self._time_attr in result and not group.stopped:
                 self._note_progress(trial_id, member, result)
             member.status = _DONE
             self._decide_group(tune_controller, self._trial_arm[trial_id], current=None)
@@ -251,6 +257,8 @@ class PostHocASHA(FIFOScheduler):
         member = self._member(trial.trial_id)
         if member is not None:
             member.status = _ERROR
+            if self._evaluator is not None:
+                self._evaluator.discard([trial.trial_id])
             self._decide_group(tune_controller, self._trial_arm[trial.trial_id], current=None)
 
     def on_trial_remove(self, tune_controller: Any, trial: Trial) -> None:
@@ -323,10 +331,14 @@ class PostHocASHA(FIFOScheduler):
         t = float(result[self._time_attr])
         member.time = t
         epoch = int(result["epoch"])
-        bracket = self._brackets[self._arm_bracket[self._trial_arm[trial_id]]]
+        arm = self._trial_arm[trial_id]
+        bracket = self._brackets[self._arm_bracket[arm]]
         for i, milestone in enumerate(bracket.milestones):
-            if t >= milestone:
-                member.crossed.setdefault(i, epoch)
+            if t >= milestone and i not in member.crossed:
+                member.crossed[i] = epoch
+                # Read its logits now, in the background: the group's judgement then waits
+                # only for the last member's read.
+                self._ensembles(arm).prefetch(trial_id, epoch, self._variant)
 
     def _group_time(self, group: _Group) -> float | None:
         """The time every live member has reached (the slowest one's); None while a live
@@ -367,6 +379,7 @@ class PostHocASHA(FIFOScheduler):
         self._log(arm, bracket, rung, score, cutoff, action, members=value.members, epoch=epoch)
         if stop:
             group.stopped = True
+            self._ensembles(arm).discard(group.members)
             for trial_id in group.members:
                 trial = self._trials.get(trial_id)
                 if trial_id != current and trial is not None and trial.status in _STOPPABLE:
@@ -379,18 +392,28 @@ class PostHocASHA(FIFOScheduler):
         return self._groups[self._trial_arm[trial_id]].members.get(trial_id)
 
     def _ensembles(self, arm: str) -> EnsembleEvaluator:
-        """The evaluator on the experiment's store, opened from a member's storage context."""
+        """The evaluator on the store (by default the experiment's, found from a member)."""
         if self._evaluator is None:
-            trial = next(self._trials[t] for t in self._groups[arm].members if t in self._trials)
-            storage = trial.storage
-            if storage is None:
-                raise RuntimeError(f"trial {trial.trial_id} has no storage context")
-            store = PredictionStore(storage.storage_filesystem, storage.experiment_fs_path)
-            self._evaluator = EnsembleEvaluator(store, ensemble=self.ensemble)
+            store = self._store or self._experiment_store(arm)
+            self._evaluator = EnsembleEvaluator(store, ensemble=self.ensemble, splits=("val",))
             self._evaluator.load()  # a restored driver reuses persisted values
         return self._evaluator
 
+    def _experiment_store(self, arm: str) -> PredictionStore:
+        trial = next(self._trials[t] for t in self._groups[arm].members if t in self._trials)
+        storage = trial.storage
+        if storage is None:
+            raise RuntimeError(
+                f"trial {trial.trial_id} has no storage context; pass PostHocASHA(store=...)"
+            )
+        return PredictionStore(storage.storage_filesystem, storage.experiment_fs_path)
+
     # -- shared -----------------------------------------------------------------------------
+
+    @property
+    def _variant(self) -> str:
+        assert self._metric is not None
+        return parse_metric_key(self._metric)[1].variant
 
     @property
     def _sign(self) -> float:

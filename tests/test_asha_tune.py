@@ -147,14 +147,11 @@ def _tune_kwargs(scheduler: PostHocASHA, **run: Any) -> dict[str, Any]:
 
 
 def _recomputed(store: PredictionStore, members: list[str], epoch: int) -> dict[str, float]:
-    """The group key's value recomputed from the store by the brute-force pipeline."""
+    """The group key's values recomputed from the store by the brute-force pipeline."""
     val = [store.read(m, epoch, "val", "swa") for m in members]
-    test = [store.read(m, epoch, "test", "swa") for m in members]
-    ev, et = ref.ensemble(val, test, store.labels("val"))
-    return {
-        "val/swa+ens+ts/nll": ref.nll(ev, store.labels("val")),
-        "test/swa+ens+ts/nll": ref.nll(et, store.labels("test")),
-    }
+    ev, _ = ref.ensemble(val, val, store.labels("val"))
+    y = store.labels("val")
+    return {"val/swa+ens+ts/nll": ref.nll(ev, y), "val/swa+ens+ts/brier": ref.brier(ev, y)}
 
 
 def _iterations(results: Any) -> pd.DataFrame:
