@@ -202,7 +202,12 @@ class PostHocASHA(FIFOScheduler):
             member = group.members.setdefault(trial_id, _Member())
             # Added again on a retry or a restore: it reports anew from its checkpoint.
             member.time = None
-            member.status = _LIVE if trial.status in _STOPPABLE else _DONE
+            if trial.status in _STOPPABLE:
+                member.status = _LIVE
+            elif trial.status == Trial.ERROR:  # restored without resume_errored
+                member.status = _ERROR
+            else:
+                member.status = _DONE
         else:
             arm = trial_id
         self._trial_arm[trial_id] = arm

@@ -8,6 +8,7 @@ real ``Trial`` objects; per-trial keys never touch the controller.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,9 @@ import pytest
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-from posthoc_tune import PostHocASHA
+import posthoc_tune as pht
+from posthoc_tune import PostHocASHA, PredictionStore
+from tests import reference as ref
 
 KEY = "val/base/nll"
 Event = tuple[int, dict[str, Any]]
@@ -187,3 +190,101 @@ def test_metric_and_mode_from_tune_config_and_missing_ones() -> None:
     group_scheduler = PostHocASHA(metric="val/ens+ts/nll", mode="min")
     with pytest.raises(ValueError, match="config has no seed key 'seed'"):
         group_scheduler.on_trial_add(None, no_seed)
+
+
+# -- group keys, hook by hook ------------------------------------------------------------------
+
+N_VAL, C = 60, 4
+
+
+class _Controller:
+    """Tune's controller on ``stop_trial``: end the trial and tell the scheduler."""
+
+    def __init__(self, scheduler: PostHocASHA) -> None:
+        self.scheduler = scheduler
+        self.stopped: list[str] = []
+
+    def stop_trial(self, trial: Trial) -> None:
+        self.stopped.append(trial.trial_id)
+        was_running = trial.status == Trial.RUNNING
+        trial.status = Trial.TERMINATED
+        if was_running:
+            self.scheduler.on_trial_complete(self, trial, None)
+        else:
+            self.scheduler.on_trial_remove(self, trial)
+
+
+@pytest.fixture
+def group_store(tmp_path: Path) -> PredictionStore:
+    """Two configurations x 3 seeds, 9 epochs. Configuration "good" predicts the labels
+    ever better; "bad" predicts noise. No temperatures are recorded: the driver fits them."""
+    rng = np.random.default_rng(0)
+    store = PredictionStore.open(tmp_path)
+    y = rng.integers(0, C, N_VAL)
+    store.write_labels("val", y)
+    for config in ("good", "bad"):
+        for seed in range(3):
+            for epoch in range(1, 10):
+                signal = np.eye(C)[y] * (epoch if config == "good" else 0.0)
+                z = (signal + rng.normal(size=(N_VAL, C))).astype(np.float32)
+                store.write_epoch(f"{config}_{seed}", epoch, {("val", "swa"): z})
+    return store
+
+
+def _member(config: str, seed: int) -> Trial:
+    trial = Trial("t", stub=True, trial_id=f"{config}_{seed}", config={"c": config, "seed": seed})
+    trial.status = Trial.RUNNING
+    return trial
+
+
+def _result(epoch: int) -> dict[str, Any]:
+    return {"training_iteration": epoch, "epoch": epoch, "val/swa+ens+ts/nll": math.nan}
+
+
+def test_a_group_is_judged_once_per_rung_when_all_live_members_reach_it(
+    group_store: PredictionStore,
+) -> None:
+    scheduler = PostHocASHA(
+        metric="val/swa+ens+ts/nll", mode="min", max_t=9, reduction_factor=3, store=group_store
+    )
+    scheduler.callback.setup()
+    tc = _Controller(scheduler)
+    good = [_member("good", s) for s in range(3)]
+    bad = [_member("bad", s) for s in range(3)]
+    for trial in good + bad:
+        scheduler.on_trial_add(tc, trial)
+
+    # good_0 and good_1 run ahead to epoch 3: no judgement until good_2 reaches rung 1.
+    for epoch in (1, 2, 3):
+        for trial in good[:2]:
+            assert scheduler.on_trial_result(tc, trial, _result(epoch)) == "CONTINUE"
+    assert scheduler.decisions.empty
+    assert scheduler.on_trial_result(tc, good[2], _result(1)) == "CONTINUE"
+    rung1 = scheduler.decisions.iloc[-1]
+    assert (rung1["milestone"], rung1["epoch"], rung1["n_members"]) == (1, 1, 3)
+    expected = ref.ensemble(
+        [group_store.read(t.trial_id, 1, "val", "swa") for t in good],
+        [group_store.read(t.trial_id, 1, "val", "swa") for t in good],
+        group_store.labels("val"),
+    )[0]
+    assert rung1["value"] == pytest.approx(ref.nll(expected, group_store.labels("val")), rel=1e-3)
+
+    # The bad configuration loses at rung 1 as a whole: its last member's result is STOP and
+    # its two running siblings are stopped through the controller.
+    for trial in bad[:2]:
+        assert scheduler.on_trial_result(tc, trial, _result(1)) == "CONTINUE"
+    assert scheduler.on_trial_result(tc, bad[2], _result(1)) == "STOP"
+    assert sorted(tc.stopped) == ["bad_0", "bad_1"]
+    assert list(scheduler.decisions["decision"]) == ["CONTINUE", "STOP"]
+
+    # good_1 fails: rung 3 is judged on the two others, once, however many results follow.
+    scheduler.on_trial_error(tc, good[1])
+    for epoch in (2, 3):
+        scheduler.on_trial_result(tc, good[2], _result(epoch))
+    for epoch in (4, 5):
+        scheduler.on_trial_result(tc, good[0], _result(epoch))
+        scheduler.on_trial_result(tc, good[2], _result(epoch))
+    rows = scheduler.decisions[scheduler.decisions["arm"] == rung1["arm"]]
+    assert list(rows["milestone"]) == [1, 3] and list(rows["n_members"]) == [3, 2]
+    assert rows.iloc[-1]["members"] == ["good_0", "good_2"]
+    assert len(pht.ensemble_table(group_store)) == 3 * 4  # 3 evaluations x 4 metrics
