@@ -25,7 +25,7 @@ def ray_session() -> Iterator[None]:
 
 @pytest.fixture
 def run_tune(ray_session: None, tmp_path: Path) -> Callable[..., tune.ResultGrid]:
-    """Run a real Tuner with reuse_actors=True under ``tmp_path``."""
+    """Run a real Tuner under ``tmp_path``, with reuse_actors=True unless told otherwise."""
 
     def run(
         trainable: Callable[..., Any],
@@ -39,7 +39,7 @@ def run_tune(ray_session: None, tmp_path: Path) -> Callable[..., tune.ResultGrid
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(
-                reuse_actors=True, time_budget_s=TIME_BUDGET_S, **(tune_config or {})
+                **{"reuse_actors": True, "time_budget_s": TIME_BUDGET_S, **(tune_config or {})}
             ),
             run_config=tune.RunConfig(
                 name=name, storage_path=str(tmp_path / "ray"), verbose=0, **(run_config or {})

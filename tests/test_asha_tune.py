@@ -140,8 +140,10 @@ def _space(lrs: list[float], **extra: Any) -> dict[str, Any]:
 
 
 def _tune_kwargs(scheduler: PostHocASHA, **run: Any) -> dict[str, Any]:
+    # Fresh actors: Tune hands a cached actor to *any* pending trial (a set pop), which would
+    # mix configurations; new actors start pending trials in order, a configuration at a time.
     return {
-        "tune_config": {"scheduler": scheduler},
+        "tune_config": {"scheduler": scheduler, "reuse_actors": False},
         "run_config": {"callbacks": [scheduler.callback], **run},
     }
 
@@ -263,7 +265,7 @@ def test_rung_records_survive_tuner_restore(
     tuner = tune.Tuner(
         trainable,
         param_space=_space([0.3, 0.003]),  # the good configuration runs first
-        tune_config=tune.TuneConfig(scheduler=scheduler, reuse_actors=True, time_budget_s=180),
+        tune_config=tune.TuneConfig(scheduler=scheduler, reuse_actors=False, time_budget_s=180),
         run_config=tune.RunConfig(
             name="exp",
             storage_path=str(tmp_path / "ray"),
