@@ -21,6 +21,8 @@ from posthoc_tune.keys import (
 )
 from posthoc_tune.reporter import PostHocReporter
 from posthoc_tune.schedulers import PostHocASHA
+from posthoc_tune.search import PostHocSearch
+from posthoc_tune.selection import leaderboard
 from posthoc_tune.store import PredictionStore, StoreError
 from posthoc_tune.transforms import TemperatureScaler, WeightAverager, apply_transform, combine
 
@@ -35,6 +37,7 @@ __all__ = [
     "PostHocASHA",
     "PostHocCallback",
     "PostHocReporter",
+    "PostHocSearch",
     "PredictionStore",
     "StoreError",
     "TemperatureScaler",
@@ -44,6 +47,7 @@ __all__ = [
     "ensemble_metrics",
     "ensemble_table",
     "group_key",
+    "leaderboard",
     "member_seed",
     "metric_key",
     "metric_keys",

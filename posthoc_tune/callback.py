@@ -1,27 +1,40 @@
-"""The companion Tune callback of PostHocASHA: state across restores, values into results.
+"""The companion Tune callback of PostHocASHA and PostHocSearch.
 
 Ray Tune checkpoints callbacks but never schedulers, so the callback carries the scheduler's
 rungs and groups through ``Tuner.restore``. Callbacks run after the scheduler on each result,
 so it also writes the ensemble values the scheduler just computed into that result, where
-``ResultGrid`` dataframes and the logs show them.
+``ResultGrid`` dataframes and the logs show them. Searchers see no trial objects, so the
+callback hands them the experiment's prediction store, and links a searcher to the
+schedulers given with it (so that groups the scheduler pruned are told as pruned).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
-if TYPE_CHECKING:
-    from posthoc_tune.schedulers import PostHocASHA
+from posthoc_tune.schedulers import PostHocASHA
+from posthoc_tune.search import PostHocSearch
+from posthoc_tune.store import PredictionStore
 
 
 class PostHocCallback(Callback):
-    """Add to ``RunConfig(callbacks=[...])``; get it as ``PostHocASHA(...).callback``."""
+    """Add to ``RunConfig(callbacks=[...])``: ``PostHocCallback(scheduler, searcher)``, or
+    ``scheduler.callback`` / ``searcher.callback`` for one of them."""
 
-    def __init__(self, scheduler: PostHocASHA) -> None:
-        self.scheduler = scheduler
+    def __init__(self, *components: PostHocASHA | PostHocSearch) -> None:
+        bad = [c for c in components if not isinstance(c, (PostHocASHA, PostHocSearch))]
+        if bad or not components:
+            raise TypeError(
+                f"PostHocCallback takes PostHocASHA and PostHocSearch objects, got {bad or '()'}"
+            )
+        self.schedulers = [c for c in components if isinstance(c, PostHocASHA)]
+        self.searchers = [c for c in components if isinstance(c, PostHocSearch)]
+        for searcher in self.searchers:
+            for scheduler in self.schedulers:
+                searcher.link(scheduler)
 
     def setup(
         self,
@@ -30,7 +43,18 @@ class PostHocCallback(Callback):
         total_num_samples: int | None = None,
         **info: Any,
     ) -> None:
-        self.scheduler._callback_attached = True
+        for scheduler in self.schedulers:
+            scheduler._callback_attached = True
+
+    def on_trial_start(
+        self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
+    ) -> None:
+        storage = trial.storage
+        if storage is not None:
+            for searcher in self.searchers:
+                searcher.attach_store(
+                    PredictionStore(storage.storage_filesystem, storage.experiment_fs_path)
+                )
 
     def on_trial_result(
         self,
@@ -40,10 +64,12 @@ class PostHocCallback(Callback):
         result: dict[str, Any],
         **info: Any,
     ) -> None:
-        self.scheduler.annotate(trial, result)
+        for scheduler in self.schedulers:
+            scheduler.annotate(trial, result)
 
     def get_state(self) -> dict[str, Any]:
-        return {"scheduler": self.scheduler.get_state()}
+        return {"schedulers": [s.get_state() for s in self.schedulers]}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        self.scheduler.set_state(state["scheduler"])
+        for scheduler, saved in zip(self.schedulers, state["schedulers"], strict=True):
+            scheduler.set_state(saved)

@@ -35,6 +35,17 @@ def jsonable(value: Any) -> Any:
     return repr(value)
 
 
+def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a/b": 1}``, the "/" paths Tune and Optuna use."""
+    out: dict[str, Any] = {}
+    for name, value in config.items():
+        if isinstance(value, Mapping):
+            out.update(flatten_config(value, f"{prefix}{name}/"))
+        else:
+            out[f"{prefix}{name}"] = value
+    return out
+
+
 def _group_part(config: Mapping[str, Any], seed_key: str) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k != seed_key and not str(k).startswith("__")}
 

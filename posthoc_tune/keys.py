@@ -79,6 +79,15 @@ def parse_metric_key(key: str) -> tuple[str, Transform, str]:
     return split, parse_transform(transform), metric
 
 
+def check_objective(metric: str | None, mode: str | None) -> None:
+    """Validate an optional metric key and an optional mode, as schedulers and searchers
+    take them (from their arguments or from ``TuneConfig``)."""
+    if metric is not None:
+        parse_metric_key(metric)
+    if mode is not None and mode not in ("min", "max"):
+        raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+
+
 def metric_keys() -> list[str]:
     """Every metric key a trial reports, in a stable order."""
     return [f"{s}/{t}/{m}" for s in SPLITS for t in TRANSFORMS for m in METRICS]

@@ -35,7 +35,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from posthoc_tune._rungs import Bracket
 from posthoc_tune.ensemble import EnsembleEvaluator
 from posthoc_tune.groups import group_key, member_seed
-from posthoc_tune.keys import parse_metric_key
+from posthoc_tune.keys import check_objective, parse_metric_key
 from posthoc_tune.store import PredictionStore
 from posthoc_tune.transforms import Combiner
 
@@ -105,10 +105,7 @@ class PostHocASHA(FIFOScheduler):
         store: PredictionStore | str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__()
-        if metric is not None:
-            parse_metric_key(metric)
-        if mode is not None and mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        check_objective(metric, mode)
         if not isinstance(time_attr, str) or not time_attr:
             raise ValueError(f"time_attr must be a non-empty string, got {time_attr!r}")
         for name, value in (("max_t", max_t), ("grace_period", grace_period)):
@@ -146,6 +143,7 @@ class PostHocASHA(FIFOScheduler):
         self._groups: dict[str, _Group] = {}
         self._decisions: list[dict[str, Any]] = []
         self._num_stopped = 0
+        self.pruned_trials: set[str] = set()  # stopped by a rung decision (not at max_t)
         self._trials: dict[str, Trial] = {}
         self._store = (
             PredictionStore.open(store) if isinstance(store, (str, os.PathLike)) else store
@@ -174,13 +172,9 @@ class PostHocASHA(FIFOScheduler):
     def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
         if (self._metric and metric) or (self._mode and mode):
             return False
-        if metric:
-            parse_metric_key(metric)
-            self._metric = metric
-        if mode:
-            if mode not in ("min", "max"):
-                raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
-            self._mode = mode
+        check_objective(metric or None, mode or None)
+        self._metric = metric or self._metric
+        self._mode = mode or self._mode
         if self._metric is None and self._mode:
             self._metric = DEFAULT_METRIC
         return True
@@ -300,6 +294,8 @@ class PostHocASHA(FIFOScheduler):
         stop, cutoff = bracket.record(trial_id, rung, score)
         action = TrialScheduler.STOP if stop else TrialScheduler.CONTINUE
         self._log(trial_id, bracket, rung, score, cutoff, action, members=(trial_id,))
+        if stop:
+            self.pruned_trials.add(trial_id)
         return action
 
     def _trial_score(self, trial_id: str, value: Any) -> float:
@@ -384,6 +380,7 @@ class PostHocASHA(FIFOScheduler):
         self._log(arm, bracket, rung, score, cutoff, action, members=value.members, epoch=epoch)
         if stop:
             group.stopped = True
+            self.pruned_trials.update(group.members)
             self._ensembles(arm).discard(group.members)
             for trial_id in group.members:
                 trial = self._trials.get(trial_id)
@@ -501,6 +498,7 @@ class PostHocASHA(FIFOScheduler):
         "_groups",
         "_decisions",
         "_num_stopped",
+        "pruned_trials",
     )
 
     def get_state(self) -> dict[str, Any]:

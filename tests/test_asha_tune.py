@@ -16,6 +16,7 @@ from ray.tune.schedulers import ASHAScheduler
 import posthoc_tune as pht
 from posthoc_tune import PostHocASHA, PostHocReporter, PredictionStore
 from tests import reference as ref
+from tests.interrupt import Interrupt
 
 pytestmark = pytest.mark.slow
 
@@ -241,21 +242,6 @@ def test_a_failing_member_leaves_its_group_decided_on_the_others(run_tune: Any) 
     assert len(survivors) == 2
 
 
-class _Interrupt(tune.Callback):
-    """Aborts the run once ``after`` trials have completed, the first time only."""
-
-    def __init__(self, marker: Path, after: int) -> None:
-        self.marker, self.after, self.completed = marker, after, 0
-
-    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self.completed += 1
-
-    def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
-        if self.completed >= self.after and not self.marker.exists():
-            self.marker.touch()
-            raise RuntimeError("simulated driver crash")
-
-
 def test_rung_records_survive_tuner_restore(
     ray_session: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -270,7 +256,7 @@ def test_rung_records_survive_tuner_restore(
             name="exp",
             storage_path=str(tmp_path / "ray"),
             verbose=0,
-            callbacks=[scheduler.callback, _Interrupt(tmp_path / "crashed", after=SEEDS)],
+            callbacks=[scheduler.callback, Interrupt(tmp_path / "crashed", after=SEEDS)],
         ),
     )
     with pytest.raises(Exception, match="simulated driver crash"):

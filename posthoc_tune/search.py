@@ -1,0 +1,395 @@
+"""PostHocSearch: Optuna proposes configurations, each runs as K seeds, Optuna learns the
+configuration's post-hoc objective.
+
+Ray's ``OptunaSearch`` tells Optuna one trial's metric and its ``Repeater`` averages only
+final values and loses its groups on restore; neither can tell a *seed group's* ensemble
+loss. Here one Optuna trial is one configuration: each ``ask`` becomes K Tune trials with
+identical values and seeds ``0..K-1``. Every epoch that all of a group's live members have
+reached is scored (the ensemble from the prediction store for group keys, the members' mean
+for per-trial keys) and reported to the Optuna trial, and when the group ends its objective
+(best or last epoch) is told.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import pickle
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import optuna
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from posthoc_tune.ensemble import EnsembleEvaluator
+from posthoc_tune.groups import flatten_config
+from posthoc_tune.keys import check_objective, parse_metric_key
+from posthoc_tune.store import PredictionStore
+from posthoc_tune.transforms import Combiner
+
+if TYPE_CHECKING:
+    from posthoc_tune.callback import PostHocCallback
+    from posthoc_tune.schedulers import PostHocASHA
+
+Objective = Literal["best", "last"]
+Distributions = dict[str, optuna.distributions.BaseDistribution]
+
+
+@dataclass
+class _Group:
+    """One Optuna trial: a configuration and its seed members."""
+
+    number: int
+    storage_id: int  # Optuna's internal trial id, to report intermediate values after a restore
+    params: dict[str, Any]
+    members: dict[str, int] = field(default_factory=dict)  # Tune trial id -> seed
+    progress: dict[str, int] = field(default_factory=dict)  # last epoch each member reported
+    member_values: dict[str, dict[int, float]] = field(default_factory=dict)  # per-trial keys
+    done: set[str] = field(default_factory=set)
+    errored: set[str] = field(default_factory=set)
+    values: dict[int, float] = field(default_factory=dict)  # scored epochs
+    told: bool = False
+
+
+class PostHocSearch(Searcher):
+    """Optuna search over seed groups, told each configuration's post-hoc objective.
+
+    Args:
+        space: the search space: Ray Tune domains (``tune.loguniform``, ``tune.choice``, ...,
+            nested dicts allowed) or a flat dict of Optuna distributions; None takes Tune's
+            ``param_space``. Grid search is not supported (Optuna samples).
+        metric: a metric key; group keys (``ens``) are scored on the ensemble of the group's
+            members, per-trial keys on the mean over members. May come from ``TuneConfig``.
+        mode: ``"min"`` or ``"max"``; may come from ``TuneConfig``.
+        n_seeds: K, the seeds (ensemble members) per configuration; ``num_samples`` must be
+            configurations x K.
+        seed_key: the config key receiving the seed; it must not be in the space.
+        sampler: an Optuna sampler; default ``TPESampler(seed=0)``.
+        objective: ``"best"``: the best scored epoch (post-hoc selection over epochs);
+            ``"last"``: the last scored epoch.
+        points_to_evaluate: configurations to try first (dicts of parameter values).
+        storage: an Optuna storage URL (e.g. ``sqlite:///study.db``) or storage object, so
+            optuna-dashboard and Optuna's visualisations work on the study; None keeps it in
+            memory.
+        study_name: the study's name (loaded if it exists in ``storage``).
+        ensemble: ensemble combiner for group keys: ``"logits"`` or ``"probs"``.
+        store: where group keys read predictions; None: the experiment's store, which
+            :attr:`callback` finds from the trials.
+
+    A group stopped by a linked :class:`PostHocASHA` (pass both to one
+    :class:`PostHocCallback`) is told ``PRUNED``: TPE ranks pruned trials below completed ones,
+    by the last epoch reached and the value reported there, so it still learns from them.
+    Other groups are told ``COMPLETE`` with their objective, or ``FAIL`` when every member
+    errored or no epoch could be scored.
+    """
+
+    def __init__(
+        self,
+        space: Mapping[str, Any] | None = None,
+        metric: str | None = None,
+        mode: str | None = None,
+        n_seeds: int = 4,
+        seed_key: str = "seed",
+        sampler: optuna.samplers.BaseSampler | None = None,
+        objective: Objective = "best",
+        points_to_evaluate: Sequence[Mapping[str, Any]] | None = None,
+        storage: str | optuna.storages.BaseStorage | None = None,
+        study_name: str | None = None,
+        ensemble: Combiner = "logits",
+        store: PredictionStore | str | os.PathLike[str] | None = None,
+    ) -> None:
+        check_objective(metric, mode)
+        if isinstance(n_seeds, bool) or not isinstance(n_seeds, int) or n_seeds < 1:
+            raise ValueError(f"n_seeds must be an int >= 1, got {n_seeds!r}")
+        if not isinstance(seed_key, str) or not seed_key:
+            raise ValueError(f"seed_key must be a non-empty string, got {seed_key!r}")
+        if sampler is not None and not isinstance(sampler, optuna.samplers.BaseSampler):
+            raise TypeError(f"sampler must be an optuna sampler, got {type(sampler).__name__}")
+        if objective not in ("best", "last"):
+            raise ValueError(f"objective must be 'best' or 'last', got {objective!r}")
+        if ensemble not in ("logits", "probs"):
+            raise ValueError(f"ensemble must be 'logits' or 'probs', got {ensemble!r}")
+        if storage is not None and not isinstance(storage, (str, optuna.storages.BaseStorage)):
+            raise TypeError(f"storage must be an Optuna storage URL or object, got {storage!r}")
+        super().__init__(metric=metric, mode=mode)
+        self.n_seeds = n_seeds
+        self.seed_key = seed_key
+        self.objective: Objective = objective
+        self.ensemble: Combiner = ensemble
+        self._sampler = sampler
+        self._storage = storage
+        self._study_name = study_name
+        self._points = [flatten_config(p) for p in points_to_evaluate or []]
+        self._space: Distributions | None = None
+        if space is not None:
+            self._space = self._convert(space)
+        self._study: optuna.Study | None = None
+        self._queue: list[tuple[int, int]] = []  # (group number, seed) still to suggest
+        self._groups: dict[int, _Group] = {}
+        self._trial_group: dict[str, int] = {}
+        if isinstance(store, (str, os.PathLike)):
+            store = PredictionStore.open(store)
+        self._store: PredictionStore | None = store
+        self._evaluator: EnsembleEvaluator | None = None
+        self._schedulers: list[PostHocASHA] = []
+        self._callback: PostHocCallback | None = None
+
+    # -- configuration ----------------------------------------------------------------------
+
+    @property
+    def is_group_metric(self) -> bool:
+        return self._metric is not None and parse_metric_key(self._metric)[1].ens
+
+    @property
+    def study(self) -> optuna.Study:
+        """The Optuna study (one trial per configuration)."""
+        if self._study is None:
+            raise RuntimeError("PostHocSearch has no study yet: it is created with the space")
+        return self._study
+
+    @property
+    def callback(self) -> PostHocCallback:
+        """A ``tune.Callback`` that gives this searcher the experiment's store; to link it to
+        a PostHocASHA, use ``PostHocCallback(scheduler, searcher)`` instead."""
+        if self._callback is None:
+            from posthoc_tune.callback import PostHocCallback
+
+            self._callback = PostHocCallback(self)
+        return self._callback
+
+    def link(self, scheduler: PostHocASHA) -> None:
+        """Learn which trials ``scheduler`` pruned, to tell their groups PRUNED."""
+        if scheduler not in self._schedulers:
+            self._schedulers.append(scheduler)
+
+    def attach_store(self, store: PredictionStore) -> None:
+        """Use the experiment's store for group keys (unless one was given)."""
+        if self._store is None:
+            self._store = store
+
+    def set_search_properties(
+        self, metric: str | None, mode: str | None, config: dict[str, Any], **spec: Any
+    ) -> bool:
+        num_samples = spec.get("num_samples")
+        if isinstance(num_samples, int) and num_samples > 0 and num_samples % self.n_seeds:
+            raise ValueError(
+                f"num_samples={num_samples} is not a multiple of n_seeds={self.n_seeds}: each "
+                f"configuration runs as {self.n_seeds} trials, so set num_samples = "
+                f"configurations x {self.n_seeds}"
+            )
+        if self._space is not None:
+            return False
+        self._space = self._convert(config)
+        check_objective(metric or None, mode or None)
+        self._metric = metric or self._metric
+        self._mode = mode or self._mode
+        return True
+
+    def _convert(self, space: Mapping[str, Any]) -> Distributions:
+        if self.seed_key in space:
+            raise ValueError(
+                f"the search space contains the seed key {self.seed_key!r}: PostHocSearch "
+                f"assigns seeds 0..{self.n_seeds - 1} itself; remove it (or use another seed_key)"
+            )
+        if all(isinstance(v, optuna.distributions.BaseDistribution) for v in space.values()):
+            return dict(space)
+        return dict(OptunaSearch.convert_search_space(dict(space)))
+
+    def _ensure_study(self) -> optuna.Study:
+        if self._study is None:
+            if not self._space:
+                raise ValueError(
+                    "PostHocSearch has no search space: pass space=... or a Tuner param_space "
+                    "with Tune domains (tune.loguniform, tune.choice, ...)"
+                )
+            if not self._metric or not self._mode:
+                raise ValueError(
+                    f"PostHocSearch needs a metric key and a mode, got metric={self._metric!r}, "
+                    f"mode={self._mode!r}: pass them to PostHocSearch(...) or tune.TuneConfig(...)"
+                )
+            self._study = optuna.create_study(
+                storage=self._storage,
+                study_name=self._study_name,
+                sampler=self._sampler or optuna.samplers.TPESampler(seed=0),
+                direction="minimize" if self._mode == "min" else "maximize",
+                load_if_exists=True,
+            )
+            for point in self._points:
+                self._study.enqueue_trial(point)
+        return self._study
+
+    # -- Tune hooks -------------------------------------------------------------------------
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        if not self._queue:
+            trial = self._ensure_study().ask(fixed_distributions=self._space)
+            self._groups[trial.number] = _Group(trial.number, trial._trial_id, dict(trial.params))
+            self._queue = [(trial.number, seed) for seed in range(self.n_seeds)]
+        number, seed = self._queue.pop(0)
+        group = self._groups[number]
+        group.members[trial_id] = seed
+        self._trial_group[trial_id] = number
+        return {**_unflatten(group.params), self.seed_key: seed}
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        group = self._group_of(trial_id)
+        if group is not None and not group.told:
+            self._record(group, trial_id, result)
+            self._score_ready_epochs(group)
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
+    ) -> None:
+        group = self._group_of(trial_id)
+        if group is None or group.told:
+            return
+        if result:
+            self._record(group, trial_id, result)
+        (group.errored if error else group.done).add(trial_id)
+        self._score_ready_epochs(group)
+        if len(group.done | group.errored) == self.n_seeds:
+            self._tell(group)
+
+    # -- scoring ----------------------------------------------------------------------------
+
+    def _group_of(self, trial_id: str) -> _Group | None:
+        number = self._trial_group.get(trial_id)
+        return None if number is None else self._groups[number]
+
+    def _record(self, group: _Group, trial_id: str, result: Mapping[str, Any]) -> None:
+        if "epoch" not in result:
+            return
+        epoch = int(result["epoch"])
+        group.progress[trial_id] = max(epoch, group.progress.get(trial_id, 0))
+        assert self._metric is not None
+        if self.is_group_metric:
+            variant = parse_metric_key(self._metric)[1].variant
+            self._ensembles().prefetch(trial_id, epoch, variant)
+        elif self._metric in result:
+            group.member_values.setdefault(trial_id, {})[epoch] = float(result[self._metric])
+
+    def _score_ready_epochs(self, group: _Group) -> None:
+        """Score, in order, each epoch that every non-failed member has reached or will
+        never reach (it finished), once all K members have started."""
+        if len(group.members) < self.n_seeds:
+            return
+        members = [m for m in group.members if m not in group.errored]
+        waiting = [group.progress.get(m, 0) for m in members if m not in group.done]
+        reached = [group.progress.get(m, 0) for m in members]
+        if not reached:
+            return
+        limit = min(waiting) if waiting else max(reached)
+        first = max(group.values, default=0) + 1
+        for epoch in range(first, limit + 1):
+            with_epoch = [m for m in members if group.progress.get(m, 0) >= epoch]
+            if with_epoch:
+                group.values[epoch] = self._score(group, with_epoch, epoch)
+                self._report(group, epoch)
+
+    def _score(self, group: _Group, members: list[str], epoch: int) -> float:
+        assert self._metric is not None
+        if self.is_group_metric:
+            transform = parse_metric_key(self._metric)[1].name
+            # The reporter's group key (of the full config, constants included): the
+            # scheduler's key too, so both share one cached and persisted evaluation.
+            key = self._ensembles().store.metadata(members[0])["group"]
+            value = self._ensembles().evaluate(key, epoch, members, transform)
+            return float(value.values.get(self._metric, math.nan))
+        found = [group.member_values.get(m, {}).get(epoch, math.nan) for m in members]
+        finite = [v for v in found if not math.isnan(v)]
+        return sum(finite) / len(finite) if len(finite) == len(found) else math.nan
+
+    def _report(self, group: _Group, epoch: int) -> None:
+        value = group.values[epoch]
+        if math.isfinite(value):
+            optuna.trial.Trial(self.study, group.storage_id).report(value, step=epoch)
+
+    def _tell(self, group: _Group) -> None:
+        group.told = True
+        finite = {e: v for e, v in group.values.items() if math.isfinite(v)}
+        pruned = any(m in s.pruned_trials for s in self._schedulers for m in group.members)
+        if pruned:
+            self.study.tell(group.number, state=optuna.trial.TrialState.PRUNED)
+        elif not finite or len(group.errored) == self.n_seeds:
+            self.study.tell(group.number, state=optuna.trial.TrialState.FAIL)
+        else:
+            self.study.tell(group.number, self._objective_of(finite))
+
+    def _objective_of(self, values: Mapping[int, float]) -> float:
+        if self.objective == "last":
+            return values[max(values)]
+        return min(values.values()) if self._mode == "min" else max(values.values())
+
+    def _ensembles(self) -> EnsembleEvaluator:
+        if self._evaluator is None:
+            if self._store is None:
+                raise RuntimeError(
+                    f"PostHocSearch on the group key {self._metric!r} reads the prediction "
+                    "store: add PostHocCallback(searcher) (or searcher.callback) to "
+                    "RunConfig(callbacks=[...]), or pass PostHocSearch(store=...)"
+                )
+            self._evaluator = EnsembleEvaluator(self._store, ensemble=self.ensemble, splits=["val"])
+            self._evaluator.load()
+        return self._evaluator
+
+    # -- state ------------------------------------------------------------------------------
+
+    def told_values(self) -> dict[int, float | None]:
+        """Optuna trial number -> the value told (None for pruned or failed groups)."""
+        return {
+            t.number: t.value
+            for t in self.study.get_trials(deepcopy=False)
+            if t.state.is_finished()
+        }
+
+    def save(self, checkpoint_path: str) -> None:
+        state: dict[str, Any] = {
+            "queue": self._queue,
+            "groups": self._groups,
+            "trial_group": self._trial_group,
+            "space": self._space,
+            "metric": self._metric,
+            "mode": self._mode,
+            "points": self._points,
+        }
+        if self._storage is None:
+            state["study"] = self._study  # in memory: Optuna's storage pickles with it
+        elif self._study is not None:
+            # The study lives in the storage; the sampler (and its RNG state) does not, and a
+            # sampler rebuilt from its seed would propose the same configurations again.
+            state["study_name"] = self._study.study_name
+            state["sampler"] = self._study.sampler
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(copy.copy(state), f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            state = pickle.load(f)  # Tune's own searcher checkpoint, written by save()
+        self._queue = state["queue"]
+        self._groups = state["groups"]
+        self._trial_group = state["trial_group"]
+        self._space = state["space"]
+        self._metric = state["metric"]
+        self._mode = state["mode"]
+        self._points = []  # already enqueued in the study
+        if "study" in state:
+            self._study = state["study"]
+        elif "study_name" in state and self._storage is not None:
+            self._study = optuna.load_study(
+                study_name=state["study_name"], storage=self._storage, sampler=state["sampler"]
+            )
+
+
+def _unflatten(params: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"a/b": 1}`` -> ``{"a": {"b": 1}}`` (Tune's nested spaces, flattened by Optuna)."""
+    out: dict[str, Any] = {}
+    for name, value in params.items():
+        *parents, leaf = name.split("/")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
