@@ -238,6 +238,22 @@ class EnsembleEvaluator:
         return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
+_SHARED: dict[tuple[str, str, str, tuple[str, ...]], EnsembleEvaluator] = {}
+
+
+def shared_evaluator(
+    store: PredictionStore, *, ensemble: Combiner, splits: Sequence[str]
+) -> EnsembleEvaluator:
+    """The process's one evaluator for an experiment's store (loaded from its persisted
+    values), so PostHocASHA and PostHocSearch on one experiment share cached ensembles and
+    prefetched reads instead of computing each rung twice."""
+    key = (store.filesystem.type_name, store.root, ensemble, tuple(splits))
+    if key not in _SHARED:
+        _SHARED[key] = EnsembleEvaluator(store, ensemble=ensemble, splits=splits)
+        _SHARED[key].load()
+    return _SHARED[key]
+
+
 def ensemble_table(store: PredictionStore) -> pd.DataFrame:
     """Every ensemble value persisted in an experiment's store (columns :data:`COLUMNS`)."""
     table = store.ensemble_values()

@@ -33,7 +33,7 @@ from ray.tune.result import DEFAULT_METRIC
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from posthoc_tune._rungs import Bracket
-from posthoc_tune.ensemble import EnsembleEvaluator
+from posthoc_tune.ensemble import EnsembleEvaluator, shared_evaluator
 from posthoc_tune.groups import group_key, member_seed
 from posthoc_tune.keys import check_objective, parse_metric_key
 from posthoc_tune.store import PredictionStore
@@ -397,8 +397,7 @@ class PostHocASHA(FIFOScheduler):
         """The evaluator on the store (by default the experiment's, found from a member)."""
         if self._evaluator is None:
             store = self._store or self._experiment_store(arm)
-            self._evaluator = EnsembleEvaluator(store, ensemble=self.ensemble, splits=("val",))
-            self._evaluator.load()  # a restored driver reuses persisted values
+            self._evaluator = shared_evaluator(store, ensemble=self.ensemble, splits=["val"])
         return self._evaluator
 
     def _experiment_store(self, arm: str) -> PredictionStore:

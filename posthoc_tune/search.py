@@ -24,7 +24,7 @@ import optuna
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from posthoc_tune.ensemble import EnsembleEvaluator
+from posthoc_tune.ensemble import EnsembleEvaluator, shared_evaluator
 from posthoc_tune.groups import flatten_config
 from posthoc_tune.keys import check_objective, parse_metric_key
 from posthoc_tune.store import PredictionStore
@@ -331,8 +331,7 @@ class PostHocSearch(Searcher):
                     "store: add PostHocCallback(searcher) (or searcher.callback) to "
                     "RunConfig(callbacks=[...]), or pass PostHocSearch(store=...)"
                 )
-            self._evaluator = EnsembleEvaluator(self._store, ensemble=self.ensemble, splits=["val"])
-            self._evaluator.load()
+            self._evaluator = shared_evaluator(self._store, ensemble=self.ensemble, splits=["val"])
         return self._evaluator
 
     # -- state ------------------------------------------------------------------------------
