@@ -184,7 +184,7 @@ def test_bad_arguments_get_clear_errors(
         PostHocSearch(**kwargs)
 
 
-def test_bad_tune_setups_get_clear_errors(run_tune: Any) -> None:
+def test_bad_tune_setups_get_clear_errors() -> None:
     search = PostHocSearch(metric="val/swa/nll", mode="min", n_seeds=2)
     with pytest.raises(ValueError, match="num_samples=5 is not a multiple of n_seeds=2"):
         search.set_search_properties(None, None, {"x": tune.uniform(0, 1)}, num_samples=5)
@@ -192,6 +192,10 @@ def test_bad_tune_setups_get_clear_errors(run_tune: Any) -> None:
         search.set_search_properties(None, None, {"x": tune.uniform(0, 1), "seed": 3})
     with pytest.raises(ValueError, match="no search space"):
         PostHocSearch(metric="val/swa/nll", mode="min").suggest("t0")
+    group = PostHocSearch({"x": tune.uniform(0, 1)}, metric=GROUP_KEY, mode="min", n_seeds=1)
+    assert set(group.suggest("t0")) == {"x", "seed"}
+    with pytest.raises(RuntimeError, match=r"reads the prediction store: add PostHocCallback"):
+        group.on_trial_result("t0", {"epoch": 1, GROUP_KEY: math.nan})
 
 
 def test_restore_mid_search_keeps_history_and_pending_groups(
