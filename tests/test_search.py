@@ -193,7 +193,8 @@ def test_bad_tune_setups_get_clear_errors() -> None:
     with pytest.raises(ValueError, match="no search space"):
         PostHocSearch(metric="val/swa/nll", mode="min").suggest("t0")
     group = PostHocSearch({"x": tune.uniform(0, 1)}, metric=GROUP_KEY, mode="min", n_seeds=1)
-    assert set(group.suggest("t0")) == {"x", "seed"}
+    suggested = group.suggest("t0")
+    assert suggested is not None and set(suggested) == {"x", "seed"}
     with pytest.raises(RuntimeError, match=r"reads the prediction store: add PostHocCallback"):
         group.on_trial_result("t0", {"epoch": 1, GROUP_KEY: math.nan})
 
