@@ -22,7 +22,7 @@ from posthoc_tune.keys import (
 from posthoc_tune.reporter import PostHocReporter
 from posthoc_tune.schedulers import PostHocASHA
 from posthoc_tune.search import PostHocSearch
-from posthoc_tune.selection import leaderboard
+from posthoc_tune.selection import TABLE_TRANSFORMS, leaderboard, selection_table
 from posthoc_tune.store import PredictionStore, StoreError
 from posthoc_tune.transforms import TemperatureScaler, WeightAverager, apply_transform, combine
 
@@ -31,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "METRICS",
     "SPLITS",
+    "TABLE_TRANSFORMS",
     "TRANSFORMS",
     "VARIANTS",
     "EnsembleEvaluator",
@@ -54,5 +55,6 @@ __all__ = [
     "metrics",
     "parse_metric_key",
     "parse_transform",
+    "selection_table",
     "with_seeds",
 ]

@@ -8,9 +8,11 @@ a leaderboard needs no Ray and no result logs.
 
 from __future__ import annotations
 
+import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -18,9 +20,9 @@ import pandas as pd
 
 from posthoc_tune.ensemble import EnsembleEvaluator
 from posthoc_tune.groups import flatten_config
-from posthoc_tune.keys import parse_metric_key
+from posthoc_tune.keys import parse_metric_key, parse_transform
 from posthoc_tune.metrics import evaluate
-from posthoc_tune.store import PredictionStore
+from posthoc_tune.store import PredictionStore, VariantParts
 from posthoc_tune.transforms import Combiner, apply_transform
 
 
@@ -139,3 +141,283 @@ def _best(values: Mapping[int, float], better: Any) -> tuple[int | None, float]:
         return None, math.nan
     epoch = better(finite, key=finite.__getitem__)
     return epoch, finite[epoch]
+
+
+# -- naive vs post-hoc selection table ----------------------------------------------------------
+
+TABLE_TRANSFORMS: tuple[str, ...] = ("base", "ts", "swa", "swa+ts", "ens", "ens+ts", "swa+ens+ts")
+_REPORTED = ("nll", "error")
+Scores = dict[str, float]  # "val/nll", "val/error", "test/nll", "test/error"
+
+
+@dataclass
+class _Curves:
+    """One configuration's scores: per member and epoch for single-model transforms, per
+    common epoch for ensemble transforms."""
+
+    group: str
+    config: dict[str, Any]
+    members: list[str]
+    single: dict[str, dict[str, dict[int, Scores]]] = field(default_factory=dict)
+    ens: dict[str, dict[int, Scores]] = field(default_factory=dict)
+    naive_ens: dict[tuple[str, str], Scores] = field(default_factory=dict)  # (transform, obj)
+
+
+def selection_table(
+    results_or_experiment_path: Any,
+    transforms: Sequence[str] = TABLE_TRANSFORMS,
+    over: str = "epochs",
+    select_by: str = "same",
+    ensemble: Combiner = "logits",
+) -> pd.DataFrame:
+    """Naive vs post-hoc selection for each transform, from the prediction store alone.
+
+    Post-hoc selection picks, per transform, the epoch (and with ``over="configs+epochs"`` the
+    configuration) minimising the *transformed* model's val metric: each member on its own
+    for single-model transforms, one common epoch for ensembles. Naive selection picks each
+    member's epoch by its *base* val metric and evaluates the transform there; its ensembles
+    combine the members at their own epochs and fit a fresh ensemble temperature.
+
+    Args:
+        results_or_experiment_path: a ``tune.ResultGrid`` or an experiment path/URI.
+        transforms: rows, any of ``posthoc_tune.TRANSFORMS``; ``base`` is always computed
+            (the gains are measured from it).
+        over: ``"epochs"`` (each configuration on its own; with several configurations the
+            index is (config, transform)) or ``"configs+epochs"`` (the configuration is chosen
+            too: naive by the base val metric, post-hoc by the transformed one).
+        select_by: ``"same"``: loss columns selected by val nll, error columns by val error
+            (the paper); ``"nll"``: both by val nll.
+        ensemble: ensemble combiner.
+
+    Returns a DataFrame with, for each of ``nll`` and ``error``: ``naive/test/<m>``,
+    ``posthoc/test/<m>`` (single-model transforms: mean over members, ``..._std`` their
+    standard deviation), ``naive/gain/<m>`` and ``posthoc/gain/<m>`` (base's test value
+    minus the row's: positive is better), ``ratio/<m>`` (post-hoc gain / naive gain), and
+    ``naive/epoch``, ``posthoc/epoch`` (lists: one epoch per member, or the ensemble's one),
+    ``naive/config``, ``posthoc/config`` (JSON). ``ratio`` is ``ratio/nll``.
+    """
+    names = [parse_transform(t).name for t in transforms]
+    if over not in ("epochs", "configs+epochs"):
+        raise ValueError(f"over must be 'epochs' or 'configs+epochs', got {over!r}")
+    if select_by not in ("same", "nll"):
+        raise ValueError(f"select_by must be 'same' or 'nll', got {select_by!r}")
+    store = _open(results_or_experiment_path)
+    needed = list(dict.fromkeys(["base", *names]))
+    curves = [
+        _scan(store, group, members, config, needed, select_by, ensemble)
+        for group, (members, config) in _groups(store).items()
+    ]
+    if over == "configs+epochs" or len(curves) == 1:
+        rows = {t: _row(curves, t, select_by) for t in needed}
+        frame = pd.DataFrame.from_dict(rows, orient="index")
+    else:
+        blocks = {
+            (json.dumps(c.config, sort_keys=True), t): _row([c], t, select_by)
+            for c in curves
+            for t in needed
+        }
+        frame = pd.DataFrame.from_dict(blocks, orient="index")
+        frame.index.names = ["config", "transform"]
+    frame = _with_gains(frame)
+    keep = frame.index.get_level_values(-1).isin(names)
+    frame = frame[keep]
+    if frame.index.nlevels == 1:
+        frame.index.name = "transform"
+    return frame
+
+
+def _groups(store: PredictionStore) -> dict[str, tuple[list[str], dict[str, Any]]]:
+    groups: dict[str, tuple[list[str], dict[str, Any]]] = {}
+    for trial_id in store.trials():
+        meta = store.metadata(trial_id)
+        config = {k: v for k, v in meta["config"].items() if k != meta["seed_key"]}
+        groups.setdefault(meta["group"], ([], config))[0].append(trial_id)
+    if not groups:
+        raise ValueError(f"the store at {store.root!r} holds no trials")
+    return groups
+
+
+def _scores(val: np.ndarray, test: np.ndarray | None, store: PredictionStore) -> Scores:
+    out = {f"val/{m}": v for m, v in evaluate(val, store.labels("val"), _REPORTED).items()}
+    if test is not None:
+        out.update(
+            {f"test/{m}": v for m, v in evaluate(test, store.labels("test"), _REPORTED).items()}
+        )
+    return out
+
+
+def _transform_scores(
+    store: PredictionStore,
+    parts: Sequence[VariantParts],
+    transform: str,
+    ensemble: Combiner,
+) -> Scores:
+    """Scores of a transform of one or more members' logits of its variant."""
+    tests = [p.logits["test"] for p in parts] if all("test" in p.logits for p in parts) else None
+    val, test = apply_transform(
+        transform,
+        [p.logits["val"] for p in parts],
+        store.labels("val"),
+        tests,
+        ensemble=ensemble,
+        member_temperatures=[p.temperature for p in parts],
+    )
+    return _scores(val, test, store)
+
+
+def _scan(
+    store: PredictionStore,
+    group: str,
+    members: list[str],
+    config: dict[str, Any],
+    transforms: list[str],
+    select_by: str,
+    ensemble: Combiner,
+) -> _Curves:
+    """Read a configuration's stored epochs once (one epoch of its members at a time) and
+    score every transform; then build the naive ensembles from each member's own epoch."""
+    curves = _Curves(group, config, members)
+    parsed = {t: parse_transform(t) for t in transforms}
+    for t in transforms:
+        if parsed[t].ens:
+            curves.ens[t] = {}
+        else:
+            curves.single[t] = {m: {} for m in members}
+    epochs = {m: set(store.epochs(m)) for m in members}
+    for epoch in sorted(set().union(*epochs.values())):
+        read = {m: _variants(store, m, epoch) for m in members if epoch in epochs[m]}
+        for t in transforms:
+            variant = parsed[t].variant
+            have = {m: r[variant] for m, r in read.items() if variant in r}
+            if parsed[t].ens:
+                if len(have) == len(members):
+                    curves.ens[t][epoch] = _transform_scores(
+                        store, list(have.values()), t, ensemble
+                    )
+            else:
+                for m, part in have.items():
+                    curves.single[t][m][epoch] = _transform_scores(store, [part], t, ensemble)
+    for t in transforms:
+        if not parsed[t].ens:
+            continue
+        for obj in _objectives(select_by):
+            chosen = {m: _argbest(curves.single["base"][m], f"val/{obj}") for m in members}
+            picked = {m: e for m, e in chosen.items() if e is not None}
+            if len(picked) < len(members):
+                curves.naive_ens[(t, obj)] = {}
+                continue
+            parts = [_variants(store, m, e)[parsed[t].variant] for m, e in picked.items()]
+            curves.naive_ens[(t, obj)] = _transform_scores(store, parts, t, ensemble)
+    return curves
+
+
+def _variants(store: PredictionStore, trial_id: str, epoch: int) -> dict[str, VariantParts]:
+    parts = store.read_epoch(trial_id, epoch)
+    temperatures = store.temperatures(trial_id, epoch)
+    out = {}
+    for variant in ("base", "swa"):
+        logits = {s: z for (s, v), z in parts.items() if v == variant}
+        if "val" in logits:
+            out[variant] = VariantParts(logits, temperatures.get(variant))
+    return out
+
+
+def _objectives(select_by: str) -> tuple[str, ...]:
+    return ("nll", "error") if select_by == "same" else ("nll",)
+
+
+def _argbest(curve: Mapping[int, Scores], key: str) -> int | None:
+    """The epoch with the lowest finite ``key`` (the earliest on ties), or None."""
+    finite = {e: s[key] for e, s in curve.items() if key in s and math.isfinite(s[key])}
+    return min(finite, key=lambda e: (finite[e], e)) if finite else None
+
+
+def _selected(curves: _Curves, transform: str, metric: str, obj: str, naive: bool) -> _Pick:
+    """One configuration's selected test ``metric`` for a transform, chosen by val ``obj``."""
+    t = parse_transform(transform)
+    if t.ens:
+        if naive:
+            epochs = [_argbest(curves.single["base"][m], f"val/{obj}") for m in curves.members]
+            scores = curves.naive_ens.get((transform, obj), {})
+            return _Pick(
+                [scores.get(f"test/{metric}", math.nan)],
+                epochs,
+                scores.get(f"val/{obj}", math.nan),
+            )
+        epoch = _argbest(curves.ens[transform], f"val/{obj}")
+        if epoch is None:
+            return _Pick([math.nan], [], math.nan)
+        scores = curves.ens[transform][epoch]
+        return _Pick([scores.get(f"test/{metric}", math.nan)], [epoch], scores[f"val/{obj}"])
+    values, epochs, vals = [], [], []
+    for m in curves.members:
+        base = curves.single["base"][m]
+        epoch = _argbest(base if naive else curves.single[transform][m], f"val/{obj}")
+        epochs.append(epoch)
+        scores = curves.single[transform][m].get(epoch, {}) if epoch is not None else {}
+        values.append(scores.get(f"test/{metric}", math.nan))
+        vals.append(scores.get(f"val/{obj}", math.nan))
+    # Naive configurations are ranked by the base val metric, post-hoc ones by the transform's.
+    ranking = (
+        [
+            _best_val(base_curve, f"val/{obj}")
+            for base_curve in (curves.single["base"][m] for m in curves.members)
+        ]
+        if naive
+        else vals
+    )
+    return _Pick(values, epochs, float(np.mean(ranking)))
+
+
+@dataclass
+class _Pick:
+    test: list[float]  # one per member (single-model transforms) or the ensemble's one
+    epochs: list[int | None]
+    val: float  # what configurations are ranked by
+
+
+def _best_val(curve: Mapping[int, Scores], key: str) -> float:
+    epoch = _argbest(curve, key)
+    return curve[epoch][key] if epoch is not None else math.nan
+
+
+def _row(curves: list[_Curves], transform: str, select_by: str) -> dict[str, Any]:
+    """A table row: for each reported metric, the naive and post-hoc picks, choosing the
+    configuration (when there are several) by the naive or post-hoc val objective."""
+    row: dict[str, Any] = {}
+    for metric in _REPORTED:
+        obj = metric if select_by == "same" else "nll"
+        for kind, naive in (("naive", True), ("posthoc", False)):
+            picks = [(c, _selected(c, transform, metric, obj, naive)) for c in curves]
+            finite = [(c, p) for c, p in picks if math.isfinite(p.val)]
+            chosen, pick = min(finite, key=lambda cp: cp[1].val) if finite else picks[0]
+            row[f"{kind}/test/{metric}"] = float(np.mean(pick.test))
+            row[f"{kind}/test/{metric}_std"] = (
+                float(np.std(pick.test)) if len(pick.test) > 1 else math.nan
+            )
+            if metric == "nll":
+                row[f"{kind}/epoch"] = pick.epochs
+                row[f"{kind}/config"] = json.dumps(chosen.config, sort_keys=True)
+    return row
+
+
+def _with_gains(frame: pd.DataFrame) -> pd.DataFrame:
+    """Gains over the untransformed base (of the same configuration block) and their ratio."""
+    frame = frame.copy()
+    for metric in _REPORTED:
+        if frame.index.nlevels == 1:
+            base = frame.loc["base", f"naive/test/{metric}"]
+        else:
+            base = (
+                frame.xs("base", level="transform")[f"naive/test/{metric}"]
+                .reindex(frame.index.get_level_values("config"))
+                .to_numpy()
+            )
+        for kind in ("naive", "posthoc"):
+            frame[f"{kind}/gain/{metric}"] = base - frame[f"{kind}/test/{metric}"]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            frame[f"ratio/{metric}"] = (
+                frame[f"posthoc/gain/{metric}"] / frame[f"naive/gain/{metric}"]
+            )
+    frame["ratio"] = frame["ratio/nll"]
+    return frame
