@@ -421,3 +421,28 @@ def _with_gains(frame: pd.DataFrame) -> pd.DataFrame:
             )
     frame["ratio"] = frame["ratio/nll"]
     return frame
+
+
+FORMATS = ("md", "latex", "csv", "parquet")
+
+
+def write_frame(frame: pd.DataFrame, fmt: str, out: str | os.PathLike[str] | None = None) -> None:
+    """Write a table as markdown, LaTeX, CSV (to ``out`` or standard output) or Parquet
+    (to ``out``, required)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {list(FORMATS)}")
+    if fmt == "parquet":
+        if out is None:
+            raise ValueError("--format parquet needs --out FILE (Parquet is binary)")
+        frame.to_parquet(out)
+        return
+    text = {
+        "md": lambda: frame.to_markdown(floatfmt=".4f"),
+        "latex": lambda: frame.to_latex(float_format="%.4f"),
+        "csv": lambda: frame.to_csv(),
+    }[fmt]()
+    if out is None:
+        print(text)
+    else:
+        with open(out, "w") as f:
+            f.write(text if text.endswith("\n") else text + "\n")

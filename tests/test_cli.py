@@ -1,8 +1,11 @@
+import io
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
-from posthoc_tune import PredictionStore
+from posthoc_tune import PredictionStore, selection_table
 from posthoc_tune.cli import main
 
 
@@ -24,3 +27,76 @@ def test_demo_runs_a_real_search_end_to_end(
     store = PredictionStore.open(tmp_path / "small")
     assert len(store.trials()) == 4  # 2 learning rates x 2 seeds
     assert all(store.epochs(t) for t in store.trials())
+
+
+@pytest.fixture
+def experiment(tmp_path: Path) -> Path:
+    """A stored experiment: 2 configurations x 2 seeds x 3 epochs of known logits."""
+    rng = np.random.default_rng(0)
+    store = PredictionStore.open(tmp_path / "exp")
+    y = {"val": rng.integers(0, 3, 60), "test": rng.integers(0, 3, 50)}
+    for split, labels in y.items():
+        store.write_labels(split, labels)
+    for lr in (0.1, 0.3):
+        for seed in (0, 1):
+            trial_id = f"t{lr}_{seed}".replace(".", "")
+            store.write_metadata(trial_id, {"lr": lr, "seed": seed})
+            for epoch in (1, 2, 3):
+                parts = {
+                    (s, v): (np.eye(3)[y[s]] * lr * epoch + rng.normal(size=(len(y[s]), 3)))
+                    for s in y
+                    for v in ("base", "swa")
+                }
+                store.write_epoch(trial_id, epoch, parts)
+    return tmp_path / "exp"
+
+
+def test_table_formats_carry_the_same_numbers(
+    experiment: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    expected = selection_table(experiment, over="configs+epochs")
+    assert main(["table", str(experiment), "--over", "configs+epochs", "--format", "csv"]) == 0
+    got = pd.read_csv(io.StringIO(capsys.readouterr().out), index_col=0)
+    np.testing.assert_allclose(got["posthoc/test/nll"], expected["posthoc/test/nll"], rtol=1e-12)
+    out = tmp_path / "table.parquet"
+    assert (
+        main(
+            [
+                "table",
+                str(experiment),
+                "--over",
+                "configs+epochs",
+                "--format",
+                "parquet",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    pd.testing.assert_frame_equal(pd.read_parquet(out), expected, check_dtype=False)
+    assert main(["table", str(experiment), "--transforms", "swa+ens+ts", "--format", "md"]) == 0
+    md = capsys.readouterr().out
+    assert "swa+ens+ts" in md and "naive/test/nll" in md and "| ts " not in md
+    assert main(["table", str(experiment), "--format", "latex"]) == 0
+    assert "\\begin{tabular}" in capsys.readouterr().out
+
+
+def test_leaderboard_command(experiment: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["leaderboard", str(experiment), "--metric", "val/swa+ens+ts/nll"]) == 0
+    out = capsys.readouterr().out
+    assert "config/lr" in out and "naive_rank" in out
+
+
+@pytest.mark.parametrize("command", ["table", "leaderboard"])
+def test_a_path_that_is_not_an_experiment_gets_one_line(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, str(tmp_path / "nowhere")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds no trials" in err
+    with pytest.raises(SystemExit):
+        main(["table", str(tmp_path), "--format", "parquet"])
+    assert "needs --out FILE" in capsys.readouterr().err

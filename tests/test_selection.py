@@ -86,7 +86,7 @@ def _expected(store: PredictionStore, cfg: str, transform: str, metric: str, obj
         best = _argmin({e: curve[e][f"val/{obj}"] for e in epochs})
         return naive, curve[best][f"test/{metric}"], naive_rank, curve[best][f"val/{obj}"]
     curves = {m: {e: _single(store, m, e, transform) for e in epochs} for m in members}
-    naive = np.mean([curves[m][naive_at[m]][f"test/{metric}"] for m in members])
+    naive = float(np.mean([curves[m][naive_at[m]][f"test/{metric}"] for m in members]))
     picks = {m: _argmin({e: curves[m][e][f"val/{obj}"] for e in epochs}) for m in members}
     posthoc = np.mean([curves[m][picks[m]][f"test/{metric}"] for m in members])
     rank = np.mean([curves[m][picks[m]][f"val/{obj}"] for m in members])
