@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -169,6 +170,7 @@ def selection_table(
     over: str = "epochs",
     select_by: str = "same",
     ensemble: Combiner = "logits",
+    progress: bool | None = None,
 ) -> pd.DataFrame:
     """Naive vs post-hoc selection for each transform, from the prediction store alone.
 
@@ -188,13 +190,19 @@ def selection_table(
         select_by: ``"same"``: loss columns selected by val nll, error columns by val error
             (the paper); ``"nll"``: both by val nll.
         ensemble: ensemble combiner.
+        progress: show a progress bar on standard error (default: when it is a terminal).
+
+    The scan streams: it holds one epoch of one configuration's members at a time, plus a
+    few scalars per member and epoch, so memory does not grow with the number of trials.
 
     Returns a DataFrame with, for each of ``nll`` and ``error``: ``naive/test/<m>``,
     ``posthoc/test/<m>`` (single-model transforms: mean over members, ``..._std`` their
     standard deviation), ``naive/gain/<m>`` and ``posthoc/gain/<m>`` (base's test value
     minus the row's: positive is better), ``ratio/<m>`` (post-hoc gain / naive gain), and
     ``naive/epoch``, ``posthoc/epoch`` (lists: one epoch per member, or the ensemble's one),
-    ``naive/config``, ``posthoc/config`` (JSON). ``ratio`` is ``ratio/nll``.
+    ``naive/config``, ``posthoc/config`` (JSON; epoch and configuration columns describe the
+    loss columns' selection). ``ratio`` is ``ratio/nll``; it is negative when naive selection
+    made the transform worse than the base model.
     """
     names = [parse_transform(t).name for t in transforms]
     if over not in ("epochs", "configs+epochs"):
@@ -203,10 +211,13 @@ def selection_table(
         raise ValueError(f"select_by must be 'same' or 'nll', got {select_by!r}")
     store = _open(results_or_experiment_path)
     needed = list(dict.fromkeys(["base", *names]))
-    curves = [
-        _scan(store, group, members, config, needed, select_by, ensemble)
-        for group, (members, config) in _groups(store).items()
-    ]
+    groups = _groups(store)
+    bar = _Progress(sum(len(m) for m, _ in groups.values()), progress)
+    curves = []
+    for group, (members, config) in groups.items():
+        curves.append(_scan(store, group, members, config, needed, select_by, ensemble))
+        bar.advance(len(members))
+    bar.close()
     if over == "configs+epochs" or len(curves) == 1:
         rows = {t: _row(curves, t, select_by) for t in needed}
         frame = pd.DataFrame.from_dict(rows, orient="index")
@@ -224,6 +235,25 @@ def selection_table(
     if frame.index.nlevels == 1:
         frame.index.name = "transform"
     return frame
+
+
+class _Progress:
+    """A one-line progress bar on standard error: trials scanned of the total."""
+
+    def __init__(self, total: int, show: bool | None) -> None:
+        self.total, self.done = total, 0
+        self.show = sys.stderr.isatty() if show is None else show
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self.show:
+            filled = round(30 * self.done / max(self.total, 1))
+            bar = "#" * filled + "." * (30 - filled)
+            print(f"\rscanning [{bar}] {self.done}/{self.total} trials", end="", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.show:
+            print(file=sys.stderr)
 
 
 def _groups(store: PredictionStore) -> dict[str, tuple[list[str], dict[str, Any]]]:
@@ -335,15 +365,15 @@ def _argbest(curve: Mapping[int, Scores], key: str) -> int | None:
 def _selected(curves: _Curves, transform: str, metric: str, obj: str, naive: bool) -> _Pick:
     """One configuration's selected test ``metric`` for a transform, chosen by val ``obj``."""
     t = parse_transform(transform)
+    # Naive selection ranks configurations by the base val metric (members at their best).
+    naive_rank = float(
+        np.mean([_best_val(curves.single["base"][m], f"val/{obj}") for m in curves.members])
+    )
     if t.ens:
         if naive:
             epochs = [_argbest(curves.single["base"][m], f"val/{obj}") for m in curves.members]
             scores = curves.naive_ens.get((transform, obj), {})
-            return _Pick(
-                [scores.get(f"test/{metric}", math.nan)],
-                epochs,
-                scores.get(f"val/{obj}", math.nan),
-            )
+            return _Pick([scores.get(f"test/{metric}", math.nan)], epochs, naive_rank)
         epoch = _argbest(curves.ens[transform], f"val/{obj}")
         if epoch is None:
             return _Pick([math.nan], [], math.nan)
@@ -357,16 +387,7 @@ def _selected(curves: _Curves, transform: str, metric: str, obj: str, naive: boo
         scores = curves.single[transform][m].get(epoch, {}) if epoch is not None else {}
         values.append(scores.get(f"test/{metric}", math.nan))
         vals.append(scores.get(f"val/{obj}", math.nan))
-    # Naive configurations are ranked by the base val metric, post-hoc ones by the transform's.
-    ranking = (
-        [
-            _best_val(base_curve, f"val/{obj}")
-            for base_curve in (curves.single["base"][m] for m in curves.members)
-        ]
-        if naive
-        else vals
-    )
-    return _Pick(values, epochs, float(np.mean(ranking)))
+    return _Pick(values, epochs, naive_rank if naive else float(np.mean(vals)))
 
 
 @dataclass

@@ -9,8 +9,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from ray import tune
 
-from posthoc_tune import PredictionStore, selection_table
+from posthoc_tune import PredictionStore, selection_table, with_seeds
+from posthoc_tune.datasets import load
+from posthoc_tune.demo import train_mlp
 from tests import reference as ref
 
 N_VAL, N_TEST, C, EPOCHS, SEEDS = 80, 70, 4, 5, 3
@@ -129,8 +132,12 @@ def test_every_cell_over_epochs_equals_the_numpy_procedure(
 
 
 def test_over_configs_and_epochs_chooses_the_configuration_too(store: PredictionStore) -> None:
-    table = selection_table(store, over="configs+epochs", transforms=["swa+ts", "swa+ens+ts"])
-    assert list(table.index) == ["swa+ts", "swa+ens+ts"]
+    table = selection_table(
+        store, over="configs+epochs", transforms=["base", "swa+ts", "swa+ens+ts"]
+    )
+    assert list(table.index) == ["base", "swa+ts", "swa+ens+ts"]
+    # Naive selection chooses the configuration by the base val metric, whatever the row.
+    assert (table["naive/config"] == table.loc["base", "naive/config"]).all()
     for transform in table.index:
         expected = {cfg: _expected(store, cfg, transform, "nll", "nll") for cfg in CONFIGS}
         naive_cfg = min(expected, key=lambda c: expected[c][2])
@@ -139,6 +146,16 @@ def test_over_configs_and_epochs_chooses_the_configuration_too(store: Prediction
         assert table.loc[transform, "posthoc/config"] == json.dumps({"cfg": posthoc_cfg})
         _close(table.loc[transform, "naive/test/nll"], expected[naive_cfg][0], "nll")
         _close(table.loc[transform, "posthoc/test/nll"], expected[posthoc_cfg][1], "nll")
+
+
+def test_progress_bar_counts_trials(
+    store: PredictionStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    selection_table(store, transforms=["base"], progress=True)
+    err = capsys.readouterr().err
+    assert err.count("trials") == len(CONFIGS) and err.rstrip().endswith(
+        f"{len(CONFIGS) * SEEDS}/{len(CONFIGS) * SEEDS} trials"
+    )
 
 
 def test_bad_arguments(store: PredictionStore, tmp_path: Path) -> None:
@@ -150,3 +167,27 @@ def test_bad_arguments(store: PredictionStore, tmp_path: Path) -> None:
         selection_table(store, transforms=["ens+swa"])
     with pytest.raises(ValueError, match="holds no trials"):
         selection_table(tmp_path)
+
+
+@pytest.mark.slow
+def test_post_hoc_selection_beats_naive_on_a_real_noisy_label_run(run_tune: Any) -> None:
+    """MNIST-1D generated offline, 40% symmetric label noise on train and val: 2 learning
+    rates x 4 seeds x 30 epochs of a real Tune run with the reporter, full budget."""
+    data = load("mnist1d", noise=0.4, n_samples=16000)
+    space = with_seeds(
+        {
+            "lr": tune.grid_search([0.03, 0.1]),
+            "width": 256,
+            "weight_decay": 5e-4,
+            "batch_size": 128,
+            "epochs": 30,
+        },
+        n=4,
+    )
+    results = run_tune(tune.with_parameters(train_mlp, data=data), space, name="real")
+    assert len(results) == 8 and not results.errors
+    table = selection_table(results, over="configs+epochs")
+    row = table.loc["swa+ens+ts"]
+    assert row["posthoc/test/nll"] < row["naive/test/nll"]
+    assert row["posthoc/epoch"][0] > max(row["naive/epoch"])  # reversal: it trains longer
+    assert (table["naive/config"] == table.loc["base", "naive/config"]).all()
