@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from posthoc_tune import __version__
 from posthoc_tune.datasets import DATASETS
+from posthoc_tune.plots import PLOT_TRANSFORMS
 from posthoc_tune.selection import (
     FORMATS,
     TABLE_TRANSFORMS,
@@ -69,6 +70,20 @@ def _parser() -> argparse.ArgumentParser:
     board.add_argument("--metric", default="val/swa+ens+ts/nll", help="post-hoc key to rank by")
     board.add_argument("--mode", choices=("min", "max"), default="min")
     _output_options(board)
+
+    plot = commands.add_parser(
+        "plot",
+        help="curves per configuration and a leaderboard chart (PNG and SVG)",
+        description="For each configuration, plot val and test curves over epochs for the "
+        "base model and each transform, mark the naive and post-hoc epochs and shade the "
+        "reversal region; also write a leaderboard chart.",
+    )
+    plot.add_argument("experiment", help="experiment folder or URI (Tune's storage_path/name)")
+    plot.add_argument("--out", required=True, help="folder for the figures")
+    plot.add_argument("--transforms", nargs="+", default=list(PLOT_TRANSFORMS))
+    plot.add_argument("--metric", choices=("nll", "error"), default="nll")
+    plot.add_argument("--formats", nargs="+", default=["png", "svg"])
+    plot.add_argument("--ensemble", choices=("logits", "probs"), default="logits")
     return parser
 
 
@@ -103,6 +118,18 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "leaderboard":
         frame = leaderboard(args.experiment, args.metric, args.mode, ensemble=args.ensemble)
         write_frame(frame.set_index("rank"), args.format, args.out)
+    elif args.command == "plot":
+        from posthoc_tune.plots import plot_experiment
+
+        files = plot_experiment(
+            args.experiment,
+            args.out,
+            transforms=args.transforms,
+            metric=args.metric,
+            formats=args.formats,
+            ensemble=args.ensemble,
+        )
+        print(f"wrote {len(files)} files to {args.out}")
     elif args.command == "demo":
         from posthoc_tune import demo
 

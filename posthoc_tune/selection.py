@@ -51,21 +51,13 @@ def leaderboard(
     split, transform, name = parse_metric_key(metric)
     if mode not in ("min", "max"):
         raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
-    store = _open(results_or_experiment_path)
-    groups: dict[str, list[str]] = {}
-    configs: dict[str, dict[str, Any]] = {}
-    for trial_id in store.trials():
-        meta = store.metadata(trial_id)
-        groups.setdefault(meta["group"], []).append(trial_id)
-        config = {k: v for k, v in meta["config"].items() if k != meta["seed_key"]}
-        configs[meta["group"]] = config
-    if not groups:
-        raise ValueError(f"the store at {store.root!r} holds no trials")
+    store = open_store(results_or_experiment_path)
+    groups = configurations(store)
     evaluator = EnsembleEvaluator(store, ensemble=ensemble, splits=[split], persist=False)
     evaluator.load()
     better = min if mode == "min" else max
     rows = []
-    for group, members in groups.items():
+    for group, (members, config) in groups.items():
         epochs = sorted(set.intersection(*(set(store.epochs(m)) for m in members)))
         scores = {}
         base: dict[str, dict[int, float]] = {m: {} for m in members}
@@ -89,7 +81,7 @@ def leaderboard(
         rows.append(
             {
                 "group": group,
-                **flatten_config(configs[group], "config/"),
+                **flatten_config(config, "config/"),
                 "n_members": len(members),
                 "epoch": best_epoch,
                 metric: finite[best_epoch] if best_epoch is not None else math.nan,
@@ -106,7 +98,7 @@ def leaderboard(
     return frame
 
 
-def _open(results_or_path: Any) -> PredictionStore:
+def open_store(results_or_path: Any) -> PredictionStore:
     if isinstance(results_or_path, PredictionStore):
         return results_or_path
     if isinstance(results_or_path, (str, os.PathLike)):
@@ -152,7 +144,7 @@ Scores = dict[str, float]  # "val/nll", "val/error", "test/nll", "test/error"
 
 
 @dataclass
-class _Curves:
+class Curves:
     """One configuration's scores: per member and epoch for single-model transforms, per
     common epoch for ensemble transforms."""
 
@@ -209,21 +201,22 @@ def selection_table(
         raise ValueError(f"over must be 'epochs' or 'configs+epochs', got {over!r}")
     if select_by not in ("same", "nll"):
         raise ValueError(f"select_by must be 'same' or 'nll', got {select_by!r}")
-    store = _open(results_or_experiment_path)
+    store = open_store(results_or_experiment_path)
     needed = list(dict.fromkeys(["base", *names]))
-    groups = _groups(store)
+    groups = configurations(store)
     bar = _Progress(sum(len(m) for m, _ in groups.values()), progress)
-    curves = []
+    curves = []  # per configuration only its picks: memory stays flat in the trial count
     for group, (members, config) in groups.items():
-        curves.append(_scan(store, group, members, config, needed, select_by, ensemble))
+        scanned = scan(store, group, members, config, needed, select_by, ensemble)
+        curves.append(_summarise(scanned, needed, select_by))
         bar.advance(len(members))
     bar.close()
     if over == "configs+epochs" or len(curves) == 1:
-        rows = {t: _row(curves, t, select_by) for t in needed}
+        rows = {t: _row(curves, t) for t in needed}
         frame = pd.DataFrame.from_dict(rows, orient="index")
     else:
         blocks = {
-            (json.dumps(c.config, sort_keys=True), t): _row([c], t, select_by)
+            (json.dumps(c.config, sort_keys=True), t): _row([c], t)
             for c in curves
             for t in needed
         }
@@ -256,7 +249,7 @@ class _Progress:
             print(file=sys.stderr)
 
 
-def _groups(store: PredictionStore) -> dict[str, tuple[list[str], dict[str, Any]]]:
+def configurations(store: PredictionStore) -> dict[str, tuple[list[str], dict[str, Any]]]:
     groups: dict[str, tuple[list[str], dict[str, Any]]] = {}
     for trial_id in store.trials():
         meta = store.metadata(trial_id)
@@ -295,7 +288,7 @@ def _transform_scores(
     return _scores(val, test, store)
 
 
-def _scan(
+def scan(
     store: PredictionStore,
     group: str,
     members: list[str],
@@ -303,10 +296,10 @@ def _scan(
     transforms: list[str],
     select_by: str,
     ensemble: Combiner,
-) -> _Curves:
+) -> Curves:
     """Read a configuration's stored epochs once (one epoch of its members at a time) and
     score every transform; then build the naive ensembles from each member's own epoch."""
-    curves = _Curves(group, config, members)
+    curves = Curves(group, config, members)
     parsed = {t: parse_transform(t) for t in transforms}
     for t in transforms:
         if parsed[t].ens:
@@ -331,7 +324,7 @@ def _scan(
         if not parsed[t].ens:
             continue
         for obj in _objectives(select_by):
-            chosen = {m: _argbest(curves.single["base"][m], f"val/{obj}") for m in members}
+            chosen = {m: argbest(curves.single["base"][m], f"val/{obj}") for m in members}
             picked = {m: e for m, e in chosen.items() if e is not None}
             if len(picked) < len(members):
                 curves.naive_ens[(t, obj)] = {}
@@ -356,13 +349,13 @@ def _objectives(select_by: str) -> tuple[str, ...]:
     return ("nll", "error") if select_by == "same" else ("nll",)
 
 
-def _argbest(curve: Mapping[int, Scores], key: str) -> int | None:
+def argbest(curve: Mapping[int, Scores], key: str) -> int | None:
     """The epoch with the lowest finite ``key`` (the earliest on ties), or None."""
     finite = {e: s[key] for e, s in curve.items() if key in s and math.isfinite(s[key])}
     return min(finite, key=lambda e: (finite[e], e)) if finite else None
 
 
-def _selected(curves: _Curves, transform: str, metric: str, obj: str, naive: bool) -> _Pick:
+def _selected(curves: Curves, transform: str, metric: str, obj: str, naive: bool) -> _Pick:
     """One configuration's selected test ``metric`` for a transform, chosen by val ``obj``."""
     t = parse_transform(transform)
     # Naive selection ranks configurations by the base val metric (members at their best).
@@ -371,10 +364,10 @@ def _selected(curves: _Curves, transform: str, metric: str, obj: str, naive: boo
     )
     if t.ens:
         if naive:
-            epochs = [_argbest(curves.single["base"][m], f"val/{obj}") for m in curves.members]
+            epochs = [argbest(curves.single["base"][m], f"val/{obj}") for m in curves.members]
             scores = curves.naive_ens.get((transform, obj), {})
             return _Pick([scores.get(f"test/{metric}", math.nan)], epochs, naive_rank)
-        epoch = _argbest(curves.ens[transform], f"val/{obj}")
+        epoch = argbest(curves.ens[transform], f"val/{obj}")
         if epoch is None:
             return _Pick([math.nan], [], math.nan)
         scores = curves.ens[transform][epoch]
@@ -382,7 +375,7 @@ def _selected(curves: _Curves, transform: str, metric: str, obj: str, naive: boo
     values, epochs, vals = [], [], []
     for m in curves.members:
         base = curves.single["base"][m]
-        epoch = _argbest(base if naive else curves.single[transform][m], f"val/{obj}")
+        epoch = argbest(base if naive else curves.single[transform][m], f"val/{obj}")
         epochs.append(epoch)
         scores = curves.single[transform][m].get(epoch, {}) if epoch is not None else {}
         values.append(scores.get(f"test/{metric}", math.nan))
@@ -398,18 +391,35 @@ class _Pick:
 
 
 def _best_val(curve: Mapping[int, Scores], key: str) -> float:
-    epoch = _argbest(curve, key)
+    epoch = argbest(curve, key)
     return curve[epoch][key] if epoch is not None else math.nan
 
 
-def _row(curves: list[_Curves], transform: str, select_by: str) -> dict[str, Any]:
+@dataclass
+class _Summary:
+    """What the table needs of one configuration: its picks per (transform, metric, naive)."""
+
+    config: dict[str, Any]
+    picks: dict[tuple[str, str, bool], _Pick]
+
+
+def _summarise(curves: Curves, transforms: list[str], select_by: str) -> _Summary:
+    picks = {}
+    for transform in transforms:
+        for metric in _REPORTED:
+            obj = metric if select_by == "same" else "nll"
+            for naive in (True, False):
+                picks[(transform, metric, naive)] = _selected(curves, transform, metric, obj, naive)
+    return _Summary(curves.config, picks)
+
+
+def _row(curves: list[_Summary], transform: str) -> dict[str, Any]:
     """A table row: for each reported metric, the naive and post-hoc picks, choosing the
     configuration (when there are several) by the naive or post-hoc val objective."""
     row: dict[str, Any] = {}
     for metric in _REPORTED:
-        obj = metric if select_by == "same" else "nll"
         for kind, naive in (("naive", True), ("posthoc", False)):
-            picks = [(c, _selected(c, transform, metric, obj, naive)) for c in curves]
+            picks = [(c, c.picks[(transform, metric, naive)]) for c in curves]
             finite = [(c, p) for c, p in picks if math.isfinite(p.val)]
             chosen, pick = min(finite, key=lambda cp: cp[1].val) if finite else picks[0]
             row[f"{kind}/test/{metric}"] = float(np.mean(pick.test))

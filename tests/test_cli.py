@@ -88,12 +88,27 @@ def test_leaderboard_command(experiment: Path, capsys: pytest.CaptureFixture[str
     assert "config/lr" in out and "naive_rank" in out
 
 
-@pytest.mark.parametrize("command", ["table", "leaderboard"])
+def test_plot_command_writes_png_and_svg(experiment: Path, tmp_path: Path) -> None:
+    out = tmp_path / "figures"
+    assert main(["plot", str(experiment), "--out", str(out)]) == 0
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) == 2 * 3  # 2 configurations + the leaderboard, each as PNG and SVG
+    assert {f.rsplit(".", 1)[1] for f in files} == {"png", "svg"}
+    for path in out.glob("*.png"):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for path in out.glob("*.svg"):
+        assert "<svg" in path.read_text()[:500]
+    assert "naive epoch" in (out / sorted(files)[1]).read_text()  # the first curves SVG
+
+
+@pytest.mark.parametrize("command", [["table"], ["leaderboard"], ["plot", "--out", "{tmp}/f"]])
 def test_a_path_that_is_not_an_experiment_gets_one_line(
-    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main([command, str(tmp_path / "nowhere")])
+        main(
+            [command[0], str(tmp_path / "nowhere")] + [a.format(tmp=tmp_path) for a in command[1:]]
+        )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "holds no trials" in err
