@@ -216,9 +216,7 @@ def selection_table(
         frame = pd.DataFrame.from_dict(rows, orient="index")
     else:
         blocks = {
-            (json.dumps(c.config, sort_keys=True), t): _row([c], t)
-            for c in curves
-            for t in needed
+            (json.dumps(c.config, sort_keys=True), t): _row([c], t) for c in curves for t in needed
         }
         frame = pd.DataFrame.from_dict(blocks, orient="index")
         frame.index.names = ["config", "transform"]
