@@ -20,6 +20,7 @@ from typing import Any
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from posthoc_tune.keys import check_name, parse_transform
 from posthoc_tune.selection import (
@@ -123,14 +124,12 @@ def _curves_figure(curves: Curves, transforms: list[str], metric: str) -> Figure
 
 
 def _leaderboard_figure(board: Any, key: str) -> Figure:
-    figure = Figure(figsize=(7, 0.4 * len(board) + 1.5), layout="constrained")
+    figure = Figure(figsize=(8, 0.4 * len(board) + 2.0), layout="constrained")
     ax = figure.subplots()
+    # Label configurations by the values that differ between them.
+    varying = [c for c in board.columns if c.startswith("config/") and board[c].nunique() > 1]
     labels = [
-        ", ".join(
-            f"{c.removeprefix('config/')}={row[c]}"
-            for c in board.columns
-            if c.startswith("config/")
-        )
+        ", ".join(f"{c.removeprefix('config/')}={row[c]}" for c in varying) or row["group"]
         for _, row in board.iterrows()
     ]
     y = np.arange(len(board))[::-1]
@@ -139,8 +138,15 @@ def _leaderboard_figure(board: Any, key: str) -> Figure:
         board["naive_value"], y, color="black", zorder=3, label="naive: members' best base value"
     )
     ax.set_yticks(y, labels, fontsize=7)
+    values = np.concatenate([board[key].to_numpy(float), board["naive_value"].to_numpy(float)])
+    values = values[np.isfinite(values)]
+    if values.size:  # zoom on the values: differences are small next to the loss itself
+        lo, hi = values.min(), values.max()
+        pad = 0.15 * (hi - lo) if hi > lo else 0.05 * abs(hi) or 0.05
+        ax.set_xlim(lo - pad, hi + pad)
     ax.set_xlabel(key)
-    ax.legend(fontsize=7)
+    ax.xaxis.set_major_locator(MaxNLocator(5))
+    figure.legend(fontsize=7, loc="outside lower center", ncols=2)
     return figure
 
 
