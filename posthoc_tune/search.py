@@ -51,6 +51,7 @@ class _Group:
     done: set[str] = field(default_factory=set)
     errored: set[str] = field(default_factory=set)
     values: dict[int, float] = field(default_factory=dict)  # scored epochs
+    key: str | None = None  # the reporter's group key, read once from the store
     told: bool = False
 
 
@@ -295,8 +296,9 @@ class PostHocSearch(Searcher):
             transform = parse_metric_key(self._metric)[1].name
             # The reporter's group key (of the full config, constants included): the
             # scheduler's key too, so both share one cached and persisted evaluation.
-            key = self._ensembles().store.metadata(members[0])["group"]
-            value = self._ensembles().evaluate(key, epoch, members, transform)
+            if group.key is None:
+                group.key = str(self._ensembles().store.metadata(members[0])["group"])
+            value = self._ensembles().evaluate(group.key, epoch, members, transform)
             return float(value.values.get(self._metric, math.nan))
         found = [group.member_values.get(m, {}).get(epoch, math.nan) for m in members]
         finite = [v for v in found if not math.isnan(v)]

@@ -99,3 +99,25 @@ def ensemble(
         t = grid_temperature(ens_val, y_val)
         ens_val, ens_test = ens_val / t, ens_test / t
     return ens_val, ens_test
+
+
+def bn_mlp(n_in: int, n_classes: int, width: int = 32) -> torch.nn.Module:
+    """A small BatchNorm MLP: SWA then needs its BatchNorm statistics re-estimated."""
+    return torch.nn.Sequential(
+        torch.nn.Linear(n_in, width),
+        torch.nn.BatchNorm1d(width),
+        torch.nn.ReLU(),
+        torch.nn.Linear(width, n_classes),
+    )
+
+
+def full_batch_step(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+) -> float:
+    """One deterministic full-batch training step; returns the loss."""
+    model.train()
+    opt.zero_grad()
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    return float(loss.item())

@@ -99,9 +99,7 @@ def train(config: dict[str, Any]) -> None:
     """Deterministic full-batch training of a small BatchNorm MLP with the reporter."""
     d = _data()
     torch.manual_seed(config[SEED_KEY])
-    model = torch.nn.Sequential(
-        torch.nn.Linear(N_IN, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(), torch.nn.Linear(32, C)
-    )
+    model = ref.bn_mlp(N_IN, C)
     opt = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=0.9)
     reporter = PostHocReporter(
         model,
@@ -117,10 +115,7 @@ def train(config: dict[str, Any]) -> None:
     for epoch in range(reporter.epoch + 1, EPOCHS + 1):
         if (config["lr"], config[SEED_KEY], epoch) == (fail_lr, fail_seed, fail_epoch):
             raise RuntimeError("simulated member failure")
-        model.train()
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(d["x"]), d["y"]).backward()
-        opt.step()
+        ref.full_batch_step(model, opt, d["x"], d["y"])
         time.sleep(0.02)
         reporter.step()
 

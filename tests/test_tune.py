@@ -29,9 +29,7 @@ def train(config: dict[str, Any]) -> None:
     """Deterministic full-batch training: a retried run reproduces the same weights."""
     d = _data()
     torch.manual_seed(config["seed"])
-    model = torch.nn.Sequential(
-        torch.nn.Linear(N_IN, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(), torch.nn.Linear(32, C)
-    )
+    model = ref.bn_mlp(N_IN, C)
     opt = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=0.9)
     reporter = PostHocReporter(
         model,
@@ -42,16 +40,12 @@ def train(config: dict[str, Any]) -> None:
     )
     fail_at = config.get("fail_at")
     for epoch in range(reporter.epoch + 1, config["epochs"] + 1):
-        model.train()
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(d["x"]), d["y"])
-        loss.backward()
-        opt.step()
+        loss = ref.full_batch_step(model, opt, d["x"], d["y"])
         marker = Path(config.get("marker", "/nonexistent"))
         if epoch == fail_at and not marker.exists():
             marker.touch()
             raise RuntimeError("simulated worker failure")
-        reporter.step({"train/loss": loss.item()})
+        reporter.step({"train/loss": loss})
 
 
 def _result_rows(result: tune.Result) -> list[dict[str, Any]]:
