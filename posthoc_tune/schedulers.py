@@ -169,6 +169,11 @@ class PostHocASHA(FIFOScheduler):
             self._callback = PostHocCallback(self)
         return self._callback
 
+    def attach_evaluator(self, evaluator: EnsembleEvaluator) -> None:
+        """Evaluate group keys with ``evaluator`` instead of the experiment's shared,
+        persisting one (replays use a non-persisting evaluator on a stored experiment)."""
+        self._evaluator = evaluator
+
     def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
         if (self._metric and metric) or (self._mode and mode):
             return False

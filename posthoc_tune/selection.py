@@ -208,15 +208,17 @@ def selection_table(
     curves = []  # per configuration only its picks: memory stays flat in the trial count
     for group, (members, config) in groups.items():
         scanned = scan(store, group, members, config, needed, select_by, ensemble)
-        curves.append(_summarise(scanned, needed, select_by))
+        curves.append(summarise(scanned, needed, select_by))
         bar.advance(len(members))
     bar.close()
     if over == "configs+epochs" or len(curves) == 1:
-        rows = {t: _row(curves, t) for t in needed}
+        rows = {t: table_row(curves, t) for t in needed}
         frame = pd.DataFrame.from_dict(rows, orient="index")
     else:
         blocks = {
-            (json.dumps(c.config, sort_keys=True), t): _row([c], t) for c in curves for t in needed
+            (json.dumps(c.config, sort_keys=True), t): table_row([c], t)
+            for c in curves
+            for t in needed
         }
         frame = pd.DataFrame.from_dict(blocks, orient="index")
         frame.index.names = ["config", "transform"]
@@ -318,18 +320,26 @@ def scan(
             else:
                 for m, part in have.items():
                     curves.single[t][m][epoch] = _transform_scores(store, [part], t, ensemble)
-    for t in transforms:
-        if not parsed[t].ens:
-            continue
+    naive_ensembles(store, curves, select_by, ensemble)
+    return curves
+
+
+def naive_ensembles(
+    store: PredictionStore, curves: Curves, select_by: str, ensemble: Combiner
+) -> None:
+    """(Re)build ``curves.naive_ens``: each ensemble transform of the members at their own
+    base-best epochs within ``curves`` (which a replay may have cut short)."""
+    curves.naive_ens.clear()
+    for t in curves.ens:
+        variant = parse_transform(t).variant
         for obj in _objectives(select_by):
-            chosen = {m: argbest(curves.single["base"][m], f"val/{obj}") for m in members}
+            chosen = {m: argbest(curves.single["base"][m], f"val/{obj}") for m in curves.members}
             picked = {m: e for m, e in chosen.items() if e is not None}
-            if len(picked) < len(members):
+            if len(picked) < len(curves.members):
                 curves.naive_ens[(t, obj)] = {}
                 continue
-            parts = [_variants(store, m, e)[parsed[t].variant] for m, e in picked.items()]
+            parts = [_variants(store, m, e)[variant] for m, e in picked.items()]
             curves.naive_ens[(t, obj)] = _transform_scores(store, parts, t, ensemble)
-    return curves
 
 
 def _variants(store: PredictionStore, trial_id: str, epoch: int) -> dict[str, VariantParts]:
@@ -394,24 +404,25 @@ def _best_val(curve: Mapping[int, Scores], key: str) -> float:
 
 
 @dataclass
-class _Summary:
+class Summary:
     """What the table needs of one configuration: its picks per (transform, metric, naive)."""
 
     config: dict[str, Any]
     picks: dict[tuple[str, str, bool], _Pick]
 
 
-def _summarise(curves: Curves, transforms: list[str], select_by: str) -> _Summary:
+def summarise(curves: Curves, transforms: list[str], select_by: str) -> Summary:
+    """A configuration's naive and post-hoc picks for every transform and reported metric."""
     picks = {}
     for transform in transforms:
         for metric in _REPORTED:
             obj = metric if select_by == "same" else "nll"
             for naive in (True, False):
                 picks[(transform, metric, naive)] = _selected(curves, transform, metric, obj, naive)
-    return _Summary(curves.config, picks)
+    return Summary(curves.config, picks)
 
 
-def _row(curves: list[_Summary], transform: str) -> dict[str, Any]:
+def table_row(curves: list[Summary], transform: str) -> dict[str, Any]:
     """A table row: for each reported metric, the naive and post-hoc picks, choosing the
     configuration (when there are several) by the naive or post-hoc val objective."""
     row: dict[str, Any] = {}

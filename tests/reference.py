@@ -6,9 +6,13 @@ Written from the definitions, not from the library's code paths.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from posthoc_tune import PredictionStore
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -121,3 +125,37 @@ def full_batch_step(
     loss.backward()
     opt.step()
     return float(loss.item())
+
+
+def synthetic_store(
+    root: Path,
+    configs: Mapping[str, float],
+    seeds: int,
+    epochs: int,
+    n_classes: int,
+    n_val: int = 80,
+    n_test: int = 70,
+) -> PredictionStore:
+    """A store of known random logits: for each configuration (name -> signal strength, never
+    separable so TS is well posed) and seed, base curves that go up and down and SWA curves
+    that keep improving. Metadata configs are ``{"cfg": name, "seed": seed}``."""
+    rng = np.random.default_rng(0)
+    s = PredictionStore.open(root)
+    y = {"val": rng.integers(0, n_classes, n_val), "test": rng.integers(0, n_classes, n_test)}
+    for split, labels in y.items():
+        s.write_labels(split, labels)
+    for name, strength in configs.items():
+        for seed in range(seeds):
+            trial_id = f"{name}{seed}"
+            s.write_metadata(trial_id, {"cfg": name, "seed": seed})
+            for epoch in range(1, epochs + 1):
+                parts = {}
+                for split, labels in y.items():
+                    onehot = np.eye(n_classes)[labels]
+                    drift = strength * np.sin(epoch + seed)
+                    noise = rng.normal(size=onehot.shape)
+                    parts[(split, "base")] = (drift + 0.8) * onehot + noise
+                    swa_noise = 2 * rng.normal(size=onehot.shape)
+                    parts[(split, "swa")] = (strength + 0.2 * epoch) * onehot + swa_noise
+                s.write_epoch(trial_id, epoch, {k: v.astype(np.float32) for k, v in parts.items()})
+    return s

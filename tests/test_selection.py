@@ -16,32 +16,15 @@ from posthoc_tune.datasets import load
 from posthoc_tune.demo import train_mlp
 from tests import reference as ref
 
-N_VAL, N_TEST, C, EPOCHS, SEEDS = 80, 70, 4, 5, 3
+N_TEST, C, EPOCHS, SEEDS = 70, 4, 5, 3
 CONFIGS = {"a": 0.3, "b": 0.7}  # signal strength: never separable, so TS is well posed
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> PredictionStore:
-    rng = np.random.default_rng(0)
-    s = PredictionStore.open(tmp_path_factory.mktemp("exp"))
-    y = {"val": rng.integers(0, C, N_VAL), "test": rng.integers(0, C, N_TEST)}
-    for split, labels in y.items():
-        s.write_labels(split, labels)
-    for name, strength in CONFIGS.items():
-        for seed in range(SEEDS):
-            trial_id = f"{name}{seed}"
-            s.write_metadata(trial_id, {"cfg": name, "seed": seed})
-            for epoch in range(1, EPOCHS + 1):
-                parts = {}
-                for split, labels in y.items():
-                    onehot = np.eye(C)[labels]
-                    drift = strength * np.sin(epoch + seed)  # curves that go up and down
-                    parts[(split, "base")] = (drift + 0.8) * onehot + rng.normal(size=onehot.shape)
-                    parts[(split, "swa")] = (strength + 0.2 * epoch) * onehot + 2 * rng.normal(
-                        size=onehot.shape
-                    )
-                s.write_epoch(trial_id, epoch, {k: v.astype(np.float32) for k, v in parts.items()})
-    return s
+    return ref.synthetic_store(
+        tmp_path_factory.mktemp("exp"), CONFIGS, SEEDS, EPOCHS, C, n_test=N_TEST
+    )
 
 
 def _single(store: PredictionStore, trial: str, epoch: int, transform: str) -> dict[str, float]:

@@ -1,0 +1,429 @@
+"""Replay a stored experiment through real Tune schedulers, with a simulated clock.
+
+A full-budget experiment (every trial trained to the end) holds every learning curve a
+scheduler could have seen. Replaying the curves through a scheduler object answers "what would
+this strategy have chosen, and at what compute?" without retraining: each trial's stored
+epochs are fed to the scheduler as Tune results, in the order a cluster with ``concurrency``
+slots would produce them, its STOP decisions cut the curves short, and the cut experiment is
+then selected from like any other. Results hold what :class:`~posthoc_tune.PostHocReporter`
+reported, recomputed from the stored logits (with the recorded temperatures); group keys are
+evaluated by PostHocASHA itself, from the store, as in a live run.
+"""
+
+from __future__ import annotations
+
+import copy
+import heapq
+import json
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal, cast
+
+import pandas as pd
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+
+from posthoc_tune.ensemble import EnsembleEvaluator
+from posthoc_tune.keys import TRANSFORMS, parse_metric_key, parse_transform
+from posthoc_tune.schedulers import PostHocASHA
+from posthoc_tune.selection import (
+    Curves,
+    configurations,
+    naive_ensembles,
+    open_store,
+    scan,
+    summarise,
+    table_row,
+)
+from posthoc_tune.store import PredictionStore
+from posthoc_tune.transforms import Combiner
+
+Selection = Literal["naive", "posthoc"]
+_SINGLE = tuple(t for t in TRANSFORMS if not parse_transform(t).ens)
+_REPLAYED_METRICS = ("nll", "error")
+
+
+@dataclass
+class Replay:
+    """What a scheduler did to the stored curves.
+
+    Attributes:
+        epochs: trial id -> epochs it ran before it stopped (or its stored epochs).
+        order: the (trial id, epoch) results in the order the scheduler saw them.
+        scheduler: the scheduler object after the replay (e.g. its ``decisions``).
+    """
+
+    epochs: dict[str, int]
+    order: list[tuple[str, int]]
+    scheduler: TrialScheduler | None
+
+    @property
+    def compute(self) -> int:
+        """Epochs trained in all."""
+        return sum(self.epochs.values())
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A scheduler (None: every trial runs its full budget) and how the final model is
+    selected from what it ran: by the base val metric (``naive``) or by the transformed
+    model's (``posthoc``)."""
+
+    scheduler: TrialScheduler | None
+    selection: Selection = "posthoc"
+
+
+class Experiment:
+    """A stored experiment's curves, scored once, to replay any number of strategies.
+
+    Args:
+        experiment: a ``tune.ResultGrid``, an experiment path/URI or a PredictionStore.
+        transforms: ensemble transforms to select on afterwards (single-model transforms
+            are always scored: schedulers may use any of their keys).
+        ensemble: ensemble combiner.
+        select_by: ``"nll"``: one model per strategy, chosen by val nll, reported on test
+            nll and error; ``"same"``: error chosen by val error (the paper's table).
+    """
+
+    def __init__(
+        self,
+        experiment: Any,
+        *,
+        transforms: Sequence[str] = ("swa+ens+ts",),
+        ensemble: Combiner = "logits",
+        select_by: str = "nll",
+    ) -> None:
+        if select_by not in ("same", "nll"):
+            raise ValueError(f"select_by must be 'same' or 'nll', got {select_by!r}")
+        self.store: PredictionStore = open_store(experiment)
+        self.ensemble: Combiner = ensemble
+        self.select_by = select_by
+        ens = [parse_transform(t).name for t in transforms]
+        self._transforms = list(dict.fromkeys([*_SINGLE, *ens]))
+        self.curves: dict[str, Curves] = {
+            group: scan(self.store, group, members, config, self._transforms, select_by, ensemble)
+            for group, (members, config) in configurations(self.store).items()
+        }
+        # Trials start a configuration at a time (as PostHocSearch launches them), in the
+        # order Tune created them (trial ids carry a running counter).
+        first = {g: min(c.members) for g, c in self.curves.items()}
+        self.trials = [
+            m for g in sorted(self.curves, key=first.__getitem__) for m in self.curves[g].members
+        ]
+        self.configs = {m: self.store.metadata(m)["config"] for m in self.trials}
+        self.max_epochs = {m: len(self._single("base", m)) for m in self.trials}
+
+    @property
+    def full_compute(self) -> int:
+        """Epochs stored in all: the full budget's compute."""
+        return sum(self.max_epochs.values())
+
+    def result(self, trial_id: str, epoch: int) -> dict[str, Any]:
+        """The result Tune received from ``trial_id`` at ``epoch`` (flattened, as schedulers
+        see it; ``time_total_s`` is the simulated clock: one unit per epoch)."""
+        result: dict[str, Any] = {
+            "trial_id": trial_id,
+            "training_iteration": epoch,
+            "epoch": epoch,
+            "time_total_s": float(epoch),
+            "done": False,
+        }
+        for t in _SINGLE:
+            scores = self._single(t, trial_id).get(epoch, {})
+            result.update(
+                {f"{k.split('/')[0]}/{t}/{k.split('/')[1]}": v for k, v in scores.items()}
+            )
+        return result
+
+    def replay(
+        self,
+        scheduler: TrialScheduler | None,
+        *,
+        concurrency: int | None = None,
+        order: Sequence[tuple[str, int]] | None = None,
+    ) -> Replay:
+        """Feed the stored results to ``scheduler`` (None: FIFO, everything runs).
+
+        Args:
+            scheduler: a fresh scheduler with its metric and mode set.
+            concurrency: trials running at once (default: all). Each epoch takes one time
+                unit; results due at the same time arrive in the trials' start order.
+            order: instead of the clock, the exact (trial id, epoch) sequence to feed, e.g.
+                as a live run's scheduler saw it; a trial's results after its STOP are
+                skipped.
+        """
+        if scheduler is None:
+            scheduler = FIFOScheduler()
+        self._check_metric(scheduler)
+        if concurrency is not None and (isinstance(concurrency, bool) or concurrency < 1):
+            raise ValueError(f"concurrency must be an int >= 1, got {concurrency!r}")
+        if isinstance(scheduler, PostHocASHA):
+            # Read members' logits as in a live run, but leave the stored experiment as it is.
+            scheduler.attach_evaluator(
+                EnsembleEvaluator(
+                    self.store, ensemble=scheduler.ensemble, splits=["val"], persist=False
+                )
+            )
+        cluster = _Cluster(self, scheduler)
+        if order is None:
+            cluster.run_clock(concurrency or len(self.trials))
+        else:
+            cluster.run_order(order)
+        return Replay(cluster.epochs, cluster.order, scheduler)
+
+    def select(
+        self, replay: Replay | None, transform: str = "swa+ens+ts", selection: Selection = "posthoc"
+    ) -> dict[str, Any]:
+        """The model a strategy ends with: over configurations and the epochs each trial ran
+        (all stored epochs for ``replay=None``), by ``transform``'s val metric (``posthoc``)
+        or the base model's (``naive``), and its test metrics.
+
+        Ensembles need every member at an epoch, as in the selection table.
+        """
+        name = parse_transform(transform).name
+        if name not in self._transforms:
+            raise ValueError(
+                f"transform {transform!r} was not scored; pass it to Experiment(transforms=...)"
+            )
+        if selection not in ("naive", "posthoc"):
+            raise ValueError(f"selection must be 'naive' or 'posthoc', got {selection!r}")
+        kept = [self._cut(c, replay) for c in self.curves.values()]
+        row = table_row([summarise(c, self._transforms, self.select_by) for c in kept], name)
+        return {
+            "config": json.loads(row[f"{selection}/config"]),
+            "epoch": row[f"{selection}/epoch"],
+            "test/nll": row[f"{selection}/test/nll"],
+            "test/error": row[f"{selection}/test/error"],
+        }
+
+    def _cut(self, curves: Curves, replay: Replay | None) -> Curves:
+        if replay is None:
+            return curves
+        ran = {m: replay.epochs.get(m, 0) for m in curves.members}
+        if all(ran[m] >= self.max_epochs[m] for m in curves.members):
+            return curves
+        cut = copy.copy(curves)
+        cut.single = {
+            t: {
+                m: {e: s for e, s in by_epoch.items() if e <= ran[m]} for m, by_epoch in per.items()
+            }
+            for t, per in curves.single.items()
+        }
+        common = min(ran.values())
+        cut.ens = {
+            t: {e: s for e, s in per.items() if e <= common} for t, per in curves.ens.items()
+        }
+        cut.naive_ens = {}
+        naive_ensembles(self.store, cut, self.select_by, self.ensemble)
+        return cut
+
+    def _single(self, transform: str, trial_id: str) -> dict[int, dict[str, float]]:
+        group = self.store.metadata(trial_id)["group"]
+        return self.curves[group].single[transform][trial_id]
+
+    @staticmethod
+    def _check_metric(scheduler: TrialScheduler) -> None:
+        metric = getattr(scheduler, "metric", None)
+        if metric is None or (isinstance(scheduler, PostHocASHA) and scheduler.is_group_metric):
+            return
+        _, transform, name = parse_metric_key(metric)
+        if transform.ens or name not in _REPLAYED_METRICS:
+            raise ValueError(
+                f"a replay feeds per-trial {list(_REPLAYED_METRICS)} keys of single-model "
+                f"transforms; {type(scheduler).__name__} asks for {metric!r}"
+            )
+
+
+def _up_to(curve: Mapping[int, dict[str, float]], epoch: int) -> dict[int, dict[str, float]]:
+    return {e: scores for e, scores in curve.items() if e <= epoch}
+
+
+def compare(
+    experiment: Experiment,
+    strategies: Mapping[str, Strategy],
+    *,
+    transform: str = "swa+ens+ts",
+    concurrency: int | None = None,
+) -> pd.DataFrame:
+    """Replay every strategy and select its final model: one row per strategy with the
+    selected configuration and epoch, test nll and error of ``transform``, and the compute
+    (epochs, and the fraction of the full budget)."""
+    rows = []
+    for name, strategy in strategies.items():
+        replay = (
+            None
+            if strategy.scheduler is None
+            else experiment.replay(strategy.scheduler, concurrency=concurrency)
+        )
+        compute = experiment.full_compute if replay is None else replay.compute
+        rows.append(
+            {
+                "strategy": name,
+                **experiment.select(replay, transform, strategy.selection),
+                "compute": compute,
+                "compute_fraction": compute / experiment.full_compute,
+            }
+        )
+    return pd.DataFrame(rows).set_index("strategy")
+
+
+def default_strategies(
+    max_t: int,
+    *,
+    grace_period: int = 1,
+    reduction_factor: float = 3,
+    transform: str = "swa+ens+ts",
+    seed_key: str = "seed",
+) -> dict[str, Strategy]:
+    """The comparison of the project's strategy benchmark: the full budget with naive and
+    with post-hoc selection, stock ASHA on the base key (transforms applied afterwards,
+    selected post hoc), and PostHocASHA on the ensemble key and on the per-trial SWA+TS key."""
+    asha: dict[str, Any] = {
+        "mode": "min",
+        "max_t": max_t,
+        "grace_period": grace_period,
+        "reduction_factor": reduction_factor,
+    }
+    return {
+        "full budget, naive": Strategy(None, "naive"),
+        "full budget, post-hoc": Strategy(None, "posthoc"),
+        "ASHA on val/base/nll": Strategy(ASHAScheduler(metric="val/base/nll", **asha)),
+        f"PostHocASHA on val/{transform}/nll": Strategy(
+            PostHocASHA(metric=f"val/{transform}/nll", seed_key=seed_key, **asha)
+        ),
+        "PostHocASHA on val/swa+ts/nll": Strategy(
+            PostHocASHA(metric="val/swa+ts/nll", seed_key=seed_key, **asha)
+        ),
+    }
+
+
+# -- the simulated cluster ---------------------------------------------------------------------
+
+
+@dataclass(order=True)
+class _Event:
+    time: int
+    start: int  # start order breaks ties
+    trial_id: str = field(compare=False)
+    epoch: int = field(compare=False)
+
+
+class _Cluster:
+    """The slice of Tune's controller that schedulers call (``get_trials``,
+    ``stop_trial``), driving trials through the stored results."""
+
+    def __init__(self, experiment: Experiment, scheduler: TrialScheduler) -> None:
+        self._experiment = experiment
+        self._scheduler = scheduler
+        self._trials = {
+            m: Trial("replay", config=experiment.configs[m], trial_id=m, stub=True)
+            for m in experiment.trials
+        }
+        self._last: dict[str, dict[str, Any]] = {}
+        self._controller: Any = cast(Any, self)  # what schedulers take for the controller
+        self._stopping: set[str] = set()
+        self.epochs: dict[str, int] = {m: 0 for m in experiment.trials}
+        self.order: list[tuple[str, int]] = []
+        with _quiet():
+            for trial in self._trials.values():
+                scheduler.on_trial_add(self._controller, trial)
+
+    # -- what schedulers call ---------------------------------------------------------------
+
+    def get_trials(self) -> list[Trial]:
+        return list(self._trials.values())
+
+    def get_live_trials(self) -> set[Trial]:
+        return {t for t in self._trials.values() if t.status not in (Trial.TERMINATED, Trial.ERROR)}
+
+    def stop_trial(self, trial: Trial) -> None:
+        """As Tune's ``stop_trial``: a running trial completes, a pending one is removed."""
+        if trial.status in (Trial.ERROR, Trial.TERMINATED) or trial.trial_id in self._stopping:
+            return
+        self._stopping.add(trial.trial_id)
+        if trial.status in (Trial.PENDING, Trial.PAUSED):
+            self._scheduler.on_trial_remove(self._controller, trial)
+        else:
+            self._scheduler.on_trial_complete(
+                self._controller, trial, self._last.get(trial.trial_id, {})
+            )
+        trial.set_status(Trial.TERMINATED)
+
+    # -- driving ----------------------------------------------------------------------------
+
+    def run_clock(self, concurrency: int) -> None:
+        pending = iter(self._experiment.trials)
+        running: list[_Event] = []
+        started = 0
+
+        def fill(now: int) -> None:
+            nonlocal started
+            while len(running) < concurrency:
+                trial_id = next(pending, None)
+                if trial_id is None:
+                    return
+                if self._trials[trial_id].status != Trial.PENDING:
+                    continue  # stopped with its group before it started
+                self._trials[trial_id].set_status(Trial.RUNNING)
+                heapq.heappush(running, _Event(now + 1, started, trial_id, 1))
+                started += 1
+
+        fill(0)
+        while running:
+            event = heapq.heappop(running)
+            if self._trials[event.trial_id].status == Trial.RUNNING and self._feed(
+                event.trial_id, event.epoch
+            ):
+                heapq.heappush(
+                    running, _Event(event.time + 1, event.start, event.trial_id, event.epoch + 1)
+                )
+            running = [e for e in running if self._trials[e.trial_id].status == Trial.RUNNING]
+            heapq.heapify(running)
+            fill(event.time)
+
+    def run_order(self, order: Sequence[tuple[str, int]]) -> None:
+        unknown = sorted({t for t, _ in order} - set(self._trials))
+        if unknown:
+            raise ValueError(f"order names trials the experiment does not hold: {unknown[:5]}")
+        for trial_id, epoch in order:
+            trial = self._trials[trial_id]
+            if trial.status == Trial.PENDING:
+                trial.set_status(Trial.RUNNING)
+            if trial.status != Trial.RUNNING:
+                continue
+            if epoch != self.epochs[trial_id] + 1:
+                raise ValueError(
+                    f"order feeds trial {trial_id} epoch {epoch} after epoch "
+                    f"{self.epochs[trial_id]}; expected {self.epochs[trial_id] + 1}"
+                )
+            self._feed(trial_id, epoch)
+
+    def _feed(self, trial_id: str, epoch: int) -> bool:
+        """One result; returns whether the trial goes on."""
+        trial = self._trials[trial_id]
+        result = self._experiment.result(trial_id, epoch)
+        self.order.append((trial_id, epoch))
+        self.epochs[trial_id] = epoch
+        with _quiet():
+            decision = self._scheduler.on_trial_result(self._controller, trial, result)
+        self._last[trial_id] = result
+        if decision == TrialScheduler.STOP:
+            self.stop_trial(trial)
+            return False
+        if epoch >= self._experiment.max_epochs[trial_id]:
+            # The function returned: Tune sends the last result again, marked done.
+            with _quiet():
+                self._scheduler.on_trial_result(self._controller, trial, {**result, "done": True})
+            self.stop_trial(trial)
+            return False
+        return True
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """PostHocASHA warns when its Tune callback is missing; a replay runs no Tune."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="PostHocASHA's callback is not registered")
+        yield

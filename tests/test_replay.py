@@ -1,0 +1,194 @@
+"""Replays: the simulated clock, selection on cut curves, and equality with live Tune runs."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+from posthoc_tune import PostHocASHA, selection_table
+from posthoc_tune.replay import Experiment, Strategy, compare, default_strategies
+from tests import reference as ref
+from tests import test_asha_tune as live
+
+CONFIGS = {"a": 0.3, "b": 0.7, "c": 0.5}
+SEEDS, EPOCHS, C = 2, 6, 4
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory: pytest.TempPathFactory) -> Experiment:
+    root = tmp_path_factory.mktemp("exp")
+    ref.synthetic_store(root, CONFIGS, SEEDS, EPOCHS, C)
+    return Experiment(root, transforms=["swa+ens+ts", "ens+ts"])
+
+
+def test_the_clock_runs_concurrency_trials_at_a_time_in_start_order(
+    experiment: Experiment,
+) -> None:
+    replay = experiment.replay(None, concurrency=2)
+    trials = [f"{c}{s}" for c in CONFIGS for s in range(SEEDS)]
+    # Brute force: pairs of trials run side by side, epoch by epoch, pair after pair.
+    expected = [
+        (trials[i + k], e)
+        for i in range(0, len(trials), 2)
+        for e in range(1, EPOCHS + 1)
+        for k in (0, 1)
+    ]
+    assert replay.order == expected
+    assert replay.compute == experiment.full_compute == len(trials) * EPOCHS
+
+
+def test_a_stopped_trial_frees_its_slot_for_the_next(experiment: Experiment) -> None:
+    # grace 1, rf 2: a trial judged at t=1 below the running median stops there.
+    replay = experiment.replay(
+        ASHAScheduler(metric="val/base/nll", mode="min", max_t=EPOCHS, grace_period=1),
+        concurrency=1,
+    )
+    trials = [f"{c}{s}" for c in CONFIGS for s in range(SEEDS)]
+    expected = [(t, e) for t in trials for e in range(1, replay.epochs[t] + 1)]
+    assert replay.order == expected  # one slot: each trial runs until stopped, in order
+    assert replay.epochs["a0"] == EPOCHS  # the first arm always survives
+    assert min(replay.epochs.values()) < EPOCHS  # and some were stopped
+    assert replay.compute == sum(replay.epochs.values())
+
+
+def _cut_copy(experiment: Experiment, epochs: dict[str, int], to: Path) -> Path:
+    """The experiment as it would be stored had each trial stopped where the replay did
+    (the documented layout: posthoc/logits/<trial>/epoch_NNNNNN.parquet)."""
+    source = Path(experiment.store.root).parent
+    shutil.copytree(source, to)
+    for trial, ran in epochs.items():
+        for file in (to / "posthoc" / "logits" / trial).glob("epoch_*.parquet"):
+            if int(file.stem.split("_")[1]) > ran:
+                file.unlink()
+    return to
+
+
+@pytest.mark.parametrize("transform", ["swa+ens+ts", "ens+ts", "swa+ts"])
+def test_selection_after_a_replay_equals_the_table_of_the_cut_experiment(
+    experiment: Experiment, tmp_path: Path, transform: str
+) -> None:
+    replay = experiment.replay(
+        ASHAScheduler(
+            metric="val/swa/nll", mode="min", max_t=EPOCHS, grace_period=1, reduction_factor=2
+        ),
+        concurrency=3,
+    )
+    assert 0 < replay.compute < experiment.full_compute
+    cut = _cut_copy(experiment, replay.epochs, tmp_path / "cut")
+    table = selection_table(cut, [transform], over="configs+epochs", select_by="nll")
+    for selection in ("naive", "posthoc"):
+        got = experiment.select(replay, transform, selection)
+        row = table.loc[transform]
+        assert got["test/nll"] == pytest.approx(row[f"{selection}/test/nll"], rel=1e-9)
+        assert got["test/error"] == pytest.approx(row[f"{selection}/test/error"], rel=1e-9)
+        assert got["epoch"] == row[f"{selection}/epoch"]
+
+
+def test_compare_reports_each_strategy_against_the_full_budget(experiment: Experiment) -> None:
+    strategies = default_strategies(EPOCHS, grace_period=1, reduction_factor=2)
+    frame = compare(experiment, strategies, concurrency=2)
+    assert list(frame.index) == list(strategies)
+    full = selection_table(
+        experiment.store, ["swa+ens+ts"], over="configs+epochs", select_by="nll"
+    ).loc["swa+ens+ts"]
+    for selection in ("naive", "posthoc"):
+        row = frame.loc[f"full budget, {'post-hoc' if selection == 'posthoc' else 'naive'}"]
+        assert row["test/nll"] == pytest.approx(full[f"{selection}/test/nll"], rel=1e-9)
+        assert row["compute"] == experiment.full_compute and row["compute_fraction"] == 1.0
+    pruned = frame.drop(index=["full budget, naive", "full budget, post-hoc"])
+    assert (pruned["compute"] < experiment.full_compute).all()
+    assert (pruned["compute_fraction"] == pruned["compute"] / experiment.full_compute).all()
+    # A group key stops whole groups: every member of a configuration ran as long.
+    group = strategies["PostHocASHA on val/swa+ens+ts/nll"].scheduler
+    assert isinstance(group, PostHocASHA) and not group.decisions.empty
+
+
+def test_a_replay_leaves_the_stored_experiment_as_it_was(experiment: Experiment) -> None:
+    before = sorted(p.name for p in Path(experiment.store.root).rglob("*"))
+    experiment.replay(
+        PostHocASHA(metric="val/swa+ens+ts/nll", mode="min", max_t=EPOCHS, reduction_factor=2)
+    )
+    assert sorted(p.name for p in Path(experiment.store.root).rglob("*")) == before
+
+
+def test_bad_arguments(experiment: Experiment) -> None:
+    with pytest.raises(ValueError, match="concurrency must be an int >= 1, got 0"):
+        experiment.replay(None, concurrency=0)
+    with pytest.raises(ValueError, match=r"order names trials .*\['zz'\]"):
+        experiment.replay(None, order=[("zz", 1)])
+    with pytest.raises(ValueError, match="order feeds trial a0 epoch 2 after epoch 0"):
+        experiment.replay(None, order=[("a0", 2)])
+    with pytest.raises(ValueError, match=r"HyperBandScheduler asks for 'val/swa\+ens\+ts/nll'"):
+        experiment.replay(ASHAScheduler(metric="val/swa+ens+ts/nll", mode="min"))
+    with pytest.raises(ValueError, match="'ens' was not scored"):
+        experiment.select(None, "ens")
+    with pytest.raises(ValueError, match="selection must be 'naive' or 'posthoc', got 'best'"):
+        experiment.select(None, "swa+ens+ts", "best")  # type: ignore[arg-type]
+    assert Strategy(FIFOScheduler()).selection == "posthoc"
+
+
+# -- against live Tune runs ---------------------------------------------------------------------
+
+
+class _Order(tune.Callback):
+    """Records results in the order Tune handed them to the scheduler."""
+
+    def __init__(self) -> None:
+        self.order: list[tuple[str, int]] = []
+
+    def on_trial_result(
+        self, iteration: int, trials: Any, trial: Any, result: dict, **_: Any
+    ) -> None:
+        self.order.append((trial.trial_id, int(result["training_iteration"])))
+
+
+def _ran(results: Any) -> dict[str, int]:
+    return {r.metrics["trial_id"]: r.metrics["training_iteration"] for r in results}
+
+
+@pytest.mark.slow
+def test_replay_makes_the_decisions_of_a_live_run_on_a_group_key(run_tune: Any) -> None:
+    scheduler, order = live._scheduler(), _Order()
+    kwargs = live._tune_kwargs(scheduler)
+    kwargs["run_config"]["callbacks"].append(order)
+    results = run_tune(
+        tune.with_resources(live.train, {"cpu": 0.66}), live._space([0.3, 0.003, 0.1]), **kwargs
+    )
+    assert not results.errors
+    replay = Experiment(results.experiment_path).replay(live._scheduler(), order=order.order)
+    assert replay.epochs == _ran(results)
+    assert replay.order == order.order
+    assert isinstance(replay.scheduler, PostHocASHA)
+    columns = ["arm", "milestone", "epoch", "decision", "n_members"]
+    pd.testing.assert_frame_equal(replay.scheduler.decisions[columns], scheduler.decisions[columns])
+    assert list(replay.scheduler.decisions["value"]) == pytest.approx(
+        list(scheduler.decisions["value"]), rel=1e-9
+    )
+
+
+@pytest.mark.slow
+def test_replay_makes_the_decisions_of_a_live_run_of_stock_asha(run_tune: Any) -> None:
+    def asha() -> ASHAScheduler:
+        return ASHAScheduler(
+            metric="val/base/nll", mode="min", max_t=live.EPOCHS, grace_period=1, reduction_factor=2
+        )
+
+    order = _Order()
+    results = run_tune(
+        tune.with_resources(live.train, {"cpu": 0.66}),
+        live._space([0.3, 0.003, 0.1]),
+        tune_config={"scheduler": asha(), "reuse_actors": False},
+        run_config={"callbacks": [order]},
+    )
+    assert not results.errors
+    ran = _ran(results)
+    assert min(ran.values()) < live.EPOCHS  # ASHA stopped some trials
+    replay = Experiment(results.experiment_path).replay(asha(), order=order.order)
+    assert replay.epochs == ran
+    assert replay.order == order.order
