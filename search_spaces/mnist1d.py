@@ -12,6 +12,8 @@ from typing import Any
 
 from ray import tune
 
+from search_spaces._checks import check_epochs
+
 
 def mlp_space(epochs: int = 100) -> dict[str, Any]:
     """lr log-uniform in [0.01, 0.3], width in {64, 128, 256}, weight decay log-uniform
@@ -21,5 +23,5 @@ def mlp_space(epochs: int = 100) -> dict[str, Any]:
         "width": tune.choice([64, 128, 256]),
         "weight_decay": tune.loguniform(1e-5, 1e-3),
         "batch_size": 128,
-        "epochs": epochs,
+        "epochs": check_epochs(epochs),
     }
