@@ -1,4 +1,5 @@
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -29,3 +30,45 @@ def test_custom_trainable_example_runs_with_a_small_budget(
         trial_id = result.metrics["trial_id"]
         assert store.epochs(trial_id) == list(range(1, result.metrics["epoch"] + 1))
         assert result.checkpoint is not None  # the reporter checkpointed every epoch
+
+
+def test_cifar10n_example_help_says_it_downloads_without_torchvision(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # as if not installed
+    with pytest.raises(SystemExit) as exit_info:
+        _load("cifar10n").main(["--help"])
+    assert exit_info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "OPTIONAL EXAMPLE: it downloads data and needs network access" in out
+    assert "pip install torchvision" in out and "GPU" in out
+
+
+def test_cifar10n_example_without_torchvision_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    argv = ["--epochs", "2", "--grace-period", "1", "--data-dir", str(tmp_path)]
+    with pytest.raises(SystemExit, match=r"needs torchvision.*pip install torchvision"):
+        _load("cifar10n").main(argv)
+    assert not any(tmp_path.iterdir())  # nothing was downloaded
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--label-set", "aggre"], "unknown label_set 'aggre'; expected one of ['worst', "),
+        (["--dataset", "cifar100n", "--label-set", "worst"], "unknown label_set 'worst'"),
+        (["--dataset", "cifar10"], "invalid choice: 'cifar10'"),
+        (["--gpus-per-trial", "1.5"], "a whole number of GPUs, got 1.5"),
+        (["--epochs", "0"], "must be an int >= 1, got 0"),
+        (["--epochs", "5", "--grace-period", "6"], "--grace-period (6) must be <= --epochs (5)"),
+    ],
+)
+def test_cifar10n_example_rejects_bad_arguments(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        _load("cifar10n").main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
