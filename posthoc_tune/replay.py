@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
+import numpy as np
 import pandas as pd
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
@@ -143,6 +144,7 @@ class Experiment:
         *,
         concurrency: int | None = None,
         order: Sequence[tuple[str, int]] | None = None,
+        seed: int | None = None,
     ) -> Replay:
         """Feed the stored results to ``scheduler`` (None: FIFO, everything runs).
 
@@ -153,6 +155,10 @@ class Experiment:
             order: instead of the clock, the exact (trial id, epoch) sequence to feed, e.g.
                 as a live run's scheduler saw it; a trial's results after its STOP are
                 skipped.
+            seed: start the configurations in a random order drawn with this seed instead
+                of the order Tune created them in. A grid's order is arbitrary, and ASHA is
+                sensitive to it (arms that arrive after better ones are cut, before them
+                kept): average strategies over several seeds.
         """
         if scheduler is None:
             scheduler = FIFOScheduler()
@@ -166,12 +172,19 @@ class Experiment:
                     self.store, ensemble=scheduler.ensemble, splits=["val"], persist=False
                 )
             )
-        cluster = _Cluster(self, scheduler)
+        cluster = _Cluster(self, scheduler, self._start_order(seed))
         if order is None:
             cluster.run_clock(concurrency or len(self.trials))
         else:
             cluster.run_order(order)
         return Replay(cluster.epochs, cluster.order, scheduler)
+
+    def _start_order(self, seed: int | None) -> list[str]:
+        if seed is None:
+            return self.trials
+        groups = list(dict.fromkeys(self.store.metadata(m)["group"] for m in self.trials))
+        shuffled = [groups[i] for i in np.random.default_rng(seed).permutation(len(groups))]
+        return [m for g in shuffled for m in self.curves[g].members]
 
     def select(
         self, replay: Replay | None, transform: str = "swa+ens+ts", selection: Selection = "posthoc"
@@ -246,16 +259,17 @@ def compare(
     *,
     transform: str = "swa+ens+ts",
     concurrency: int | None = None,
+    seed: int | None = None,
 ) -> pd.DataFrame:
     """Replay every strategy and select its final model: one row per strategy with the
     selected configuration and epoch, test nll and error of ``transform``, and the compute
-    (epochs, and the fraction of the full budget)."""
+    (epochs, and the fraction of the full budget). ``seed``: see :meth:`Experiment.replay`."""
     rows = []
     for name, strategy in strategies.items():
         replay = (
             None
             if strategy.scheduler is None
-            else experiment.replay(strategy.scheduler, concurrency=concurrency)
+            else experiment.replay(strategy.scheduler, concurrency=concurrency, seed=seed)
         )
         compute = experiment.full_compute if replay is None else replay.compute
         rows.append(
@@ -314,12 +328,14 @@ class _Cluster:
     """The slice of Tune's controller that schedulers call (``get_trials``,
     ``stop_trial``), driving trials through the stored results."""
 
-    def __init__(self, experiment: Experiment, scheduler: TrialScheduler) -> None:
+    def __init__(
+        self, experiment: Experiment, scheduler: TrialScheduler, start_order: list[str]
+    ) -> None:
         self._experiment = experiment
         self._scheduler = scheduler
-        self._trials = {
+        self._trials = {  # insertion order: the order trials are added and started in
             m: Trial("replay", config=experiment.configs[m], trial_id=m, stub=True)
-            for m in experiment.trials
+            for m in start_order
         }
         self._last: dict[str, dict[str, Any]] = {}
         self._controller: Any = cast(Any, self)  # what schedulers take for the controller
@@ -354,7 +370,7 @@ class _Cluster:
     # -- driving ----------------------------------------------------------------------------
 
     def run_clock(self, concurrency: int) -> None:
-        pending = iter(self._experiment.trials)
+        pending = iter(self._trials)
         running: list[_Event] = []
         started = 0
 

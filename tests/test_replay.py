@@ -43,6 +43,19 @@ def test_the_clock_runs_concurrency_trials_at_a_time_in_start_order(
     assert replay.compute == experiment.full_compute == len(trials) * EPOCHS
 
 
+def test_a_seed_starts_the_configurations_in_a_random_order(experiment: Experiment) -> None:
+    def configs_in_start_order(seed: int) -> tuple[str, ...]:
+        replay = experiment.replay(None, concurrency=SEEDS, seed=seed)
+        started = [trial for trial, epoch in replay.order if epoch == 1]
+        # A configuration's seeds start together: one block of SEEDS per configuration.
+        assert [t[0] for t in started] == [t[0] for t in started[::SEEDS] for _ in range(SEEDS)]
+        return tuple(dict.fromkeys(t[0] for t in started))
+
+    assert configs_in_start_order(1) == configs_in_start_order(1)
+    orders = {configs_in_start_order(seed) for seed in range(12)}
+    assert all(sorted(o) == sorted(CONFIGS) for o in orders) and len(orders) > 1
+
+
 def test_a_stopped_trial_frees_its_slot_for_the_next(experiment: Experiment) -> None:
     # grace 1, rf 2: a trial judged at t=1 below the running median stops there.
     replay = experiment.replay(
