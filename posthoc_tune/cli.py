@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
@@ -28,18 +29,29 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(
         "demo",
-        help="run a small offline Tune search on noisy-label data",
-        description="Run a real Ray Tune search (grid of learning rates x seeds) with the "
-        "PostHocReporter on offline noisy-label data, and compare naive with post-hoc epoch "
-        "selection per trial.",
+        help="run an offline Tune search on noisy-label data, selected post hoc",
+        description="Run a real Ray Tune search on offline noisy-label data: PostHocSearch "
+        "proposes MLP configurations (width, lr, weight decay), each trained as several seeds "
+        "with the PostHocReporter; PostHocASHA prunes whole seed groups on "
+        "val/swa+ens+ts/nll. Then print and write the naive vs post-hoc selection table, the "
+        "leaderboard and plots.",
     )
     demo.add_argument("--dataset", choices=DATASETS, default="mnist1d")
     demo.add_argument("--noise", type=float, default=0.4, help="symmetric label-noise rate")
-    demo.add_argument("--samples", type=int, default=6000, help="MNIST-1D samples to generate")
-    demo.add_argument("--epochs", type=int, default=20)
-    demo.add_argument("--seeds", type=int, default=2, help="seeds per configuration")
-    demo.add_argument("--storage", default="demo_output", help="Tune storage_path")
+    demo.add_argument("--samples", type=int, default=12000, help="MNIST-1D samples to generate")
+    demo.add_argument("--configs", type=int, default=8, help="configurations to try")
+    demo.add_argument("--seeds", type=int, default=4, help="seeds (ensemble members) each")
+    demo.add_argument("--epochs", type=int, default=30, help="epochs per trial at most")
+    demo.add_argument("--grace-period", type=int, default=4, help="PostHocASHA's first rung")
+    demo.add_argument(
+        "--cpus-per-trial", type=float, default=0.5, help="CPUs per trial (Tune resources)"
+    )
+    demo.add_argument(
+        "--storage", default="demo_output/ray_results", help="Tune storage_path (or URI)"
+    )
+    demo.add_argument("--out", default="demo_output", help="folder for tables and plots")
     demo.add_argument("--name", default="demo", help="experiment name")
+    demo.add_argument("--no-plots", action="store_true", help="skip the plots")
 
     table = commands.add_parser(
         "table",
@@ -70,6 +82,26 @@ def _parser() -> argparse.ArgumentParser:
     board.add_argument("--metric", default="val/swa+ens+ts/nll", help="post-hoc key to rank by")
     board.add_argument("--mode", choices=("min", "max"), default="min")
     _output_options(board)
+
+    replay = commands.add_parser(
+        "replay",
+        help="compare pruning strategies on a stored full-budget experiment, no retraining",
+        description="Replay a stored full-budget experiment through real schedulers (FIFO, "
+        "stock ASHA on val/base/nll, PostHocASHA on the ensemble and on the SWA+TS key) on "
+        "a simulated cluster, and report each strategy's selected configuration and epoch, "
+        "the test loss and error of its TRANSFORM model, and the compute it spent (epochs).",
+    )
+    replay.add_argument("experiment", help="experiment folder or URI (Tune's storage_path/name)")
+    replay.add_argument("--transform", default="swa+ens+ts", help="the model every strategy ships")
+    replay.add_argument("--max-t", type=int, help="ASHA's max_t (default: the longest trial)")
+    replay.add_argument("--grace-period", type=int, default=1)
+    replay.add_argument("--reduction-factor", type=float, default=3)
+    replay.add_argument(
+        "--concurrency", type=int, help="simulated trial slots (default: every trial at once)"
+    )
+    replay.add_argument("--seed-key", default="seed", help="the config key of the seed")
+    replay.add_argument("--format", choices=FORMATS, default="md", help="output format")
+    replay.add_argument("--out", help="write to this file instead of standard output")
 
     plot = commands.add_parser(
         "plot",
@@ -118,6 +150,23 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "leaderboard":
         frame = leaderboard(args.experiment, args.metric, args.mode, ensemble=args.ensemble)
         write_frame(frame.set_index("rank"), args.format, args.out)
+    elif args.command == "replay":
+        from posthoc_tune.replay import Experiment, compare, default_strategies
+
+        experiment = Experiment(args.experiment, transforms=[args.transform])
+        max_t = args.max_t or max(experiment.max_epochs.values())
+        strategies = default_strategies(
+            max_t,
+            grace_period=args.grace_period,
+            reduction_factor=args.reduction_factor,
+            transform=args.transform,
+            seed_key=args.seed_key,
+        )
+        frame = compare(
+            experiment, strategies, transform=args.transform, concurrency=args.concurrency
+        )
+        frame["config"] = [json.dumps(c, sort_keys=True) for c in frame["config"]]
+        write_frame(frame, args.format, args.out)
     elif args.command == "plot":
         from posthoc_tune.plots import plot_experiment
 
@@ -137,10 +186,15 @@ def _run(args: argparse.Namespace) -> int:
             dataset=args.dataset,
             noise=args.noise,
             n_samples=args.samples,
-            epochs=args.epochs,
+            configs=args.configs,
             seeds=args.seeds,
+            epochs=args.epochs,
+            grace_period=args.grace_period,
+            cpus_per_trial=args.cpus_per_trial,
             storage=args.storage,
+            out=args.out,
             name=args.name,
+            plots=not args.no_plots,
         )
     return 0
 

@@ -1,25 +1,36 @@
-"""A small end-to-end run: a real Ray Tune search on noisy-label data with the reporter.
+"""The offline demo: a real Ray Tune search on noisy-label data, selected post hoc.
 
-Each configuration runs as several seeds; stock ASHA prunes on the post-hoc key
-``val/swa+ts/nll``; afterwards, for every trial, the epoch chosen by the base val loss
-(naive) is compared with the epoch chosen by the post-hoc val loss, on test.
+PostHocSearch proposes configurations of an MLP (width, learning rate, weight decay) with
+Optuna and runs each as several seeds; every trial reports naive and post-hoc metrics and
+stores its predictions; PostHocASHA prunes whole seed groups on the ensemble key
+``val/swa+ens+ts/nll``. Afterwards the selection table compares naive with post-hoc selection
+for every transform, the leaderboard ranks the configurations, and the plots show the curves.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
 
+from posthoc_tune.callback import PostHocCallback
 from posthoc_tune.datasets import NoisyDataset, load
 from posthoc_tune.groups import with_seeds
 from posthoc_tune.reporter import PostHocReporter
-from posthoc_tune.store import PredictionStore
+from posthoc_tune.schedulers import PostHocASHA
+from posthoc_tune.search import PostHocSearch
+from posthoc_tune.selection import leaderboard, selection_table, write_frame
+from search_spaces.mnist1d import mlp_space
+
+METRIC = "val/swa+ens+ts/nll"
 
 
 def mlp(n_in: int, width: int, n_classes: int) -> torch.nn.Module:
@@ -61,75 +72,170 @@ def train_mlp(config: dict[str, Any], data: NoisyDataset) -> None:
         reporter.step({"train/loss": total / len(data.y_train)})
 
 
-def selection_by_trial(results: tune.ResultGrid) -> pd.DataFrame:
-    """Per trial: test swa+ts loss at the base-val-best epoch (naive) and at the swa+ts-val-best."""
-    rows = []
-    for i in range(len(results)):
-        result = results[i]
-        df, config = result.metrics_dataframe, result.config
-        assert df is not None and config is not None, f"trial {result.path} left no results"
-        naive = df.loc[df["val/base/nll"].idxmin()]
-        posthoc = df.loc[df["val/swa+ts/nll"].idxmin()]
-        rows.append(
-            {
-                "lr": config["lr"],
-                "seed": config["seed"],
-                "epochs run": int(df["epoch"].max()),
-                "naive epoch": int(naive["epoch"]),
-                "naive test swa+ts nll": naive["test/swa+ts/nll"],
-                "post-hoc epoch": int(posthoc["epoch"]),
-                "post-hoc test swa+ts nll": posthoc["test/swa+ts/nll"],
-            }
-        )
-    return pd.DataFrame(rows).sort_values(["lr", "seed"]).reset_index(drop=True)
+@dataclass
+class DemoResult:
+    """What the demo produced: Tune's results, the tables and the files written."""
+
+    results: tune.ResultGrid
+    table: pd.DataFrame
+    leaderboard: pd.DataFrame
+    epochs_run: int
+    epochs_full: int
+    files: list[Path]
 
 
 def run(
     *,
     dataset: str = "mnist1d",
     noise: float = 0.4,
-    n_samples: int = 6000,
-    epochs: int = 20,
-    seeds: int = 2,
-    lrs: tuple[float, ...] = (0.03, 0.1),
-    storage: str = "demo_output",
+    n_samples: int = 12000,
+    configs: int = 8,
+    seeds: int = 4,
+    epochs: int = 30,
+    grace_period: int = 4,
+    reduction_factor: float = 3,
+    cpus_per_trial: float = 0.5,
+    storage: str = "demo_output/ray_results",
+    out: str = "demo_output",
     name: str = "demo",
+    plots: bool = True,
     verbose: int = 1,
-) -> tuple[tune.ResultGrid, pd.DataFrame]:
-    """Run the demo experiment and return its results and the per-trial selection table."""
+) -> DemoResult:
+    """Run the search, then write and print the selection table, leaderboard and plots.
+
+    ``configs`` x ``seeds`` trials of up to ``epochs`` epochs each. One configuration's seeds
+    train at a time, side by side: give them ``cpus_per_trial`` such that they fit.
+    """
     start = time.perf_counter()
+    data = load(dataset, noise=noise, n_samples=n_samples)
+    searcher = PostHocSearch(metric=METRIC, mode="min", n_seeds=seeds)
+    scheduler = PostHocASHA(
+        metric=METRIC,
+        mode="min",
+        max_t=epochs,
+        grace_period=grace_period,
+        reduction_factor=reduction_factor,
+    )
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(train_mlp, data=data), {"cpu": cpus_per_trial}),
+        param_space=mlp_space(epochs),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=configs * seeds,
+            # One configuration at a time, its seeds side by side (fresh actors start
+            # pending trials in order): PostHocASHA can judge a group as soon as it
+            # reaches a rung, instead of waiting for a straggler.
+            max_concurrent_trials=seeds,
+            reuse_actors=False,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=os.path.abspath(storage),
+            callbacks=[PostHocCallback(scheduler, searcher)],
+            verbose=verbose,
+        ),
+    )
+    results = tuner.fit()
+    if results.errors:
+        raise RuntimeError(f"{len(results.errors)} demo trials failed: {results.errors[0]}")
+
+    table = selection_table(results, over="configs+epochs")
+    board = leaderboard(results, METRIC)
+    epochs_run = int(results.get_dataframe()["training_iteration"].sum())
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_frame(table, "md", out_dir / "selection_table.md")
+    write_frame(table, "csv", out_dir / "selection_table.csv")
+    write_frame(board.set_index("rank"), "md", out_dir / "leaderboard.md")
+    files = [out_dir / f for f in ("selection_table.md", "selection_table.csv", "leaderboard.md")]
+    if plots:
+        from posthoc_tune.plots import plot_experiment
+
+        files += plot_experiment(results, out_dir / "plots", formats=("png",))
+
+    print(
+        f"\n{dataset}, {noise:.0%} symmetric label noise on train, val and test; "
+        f"{configs} configurations x {seeds} seeds, PostHocASHA on {METRIC}: "
+        f"{epochs_run} of {configs * seeds * epochs} epochs trained "
+        f"({epochs_run / (configs * seeds * epochs):.0%}).\n"
+    )
+    print("Naive vs post-hoc selection over configurations and epochs (noisy test labels):\n")
+    print(_readable(table).to_string(float_format=lambda v: f"{v:.4f}"))
+    row = table.loc["swa+ens+ts"]
+    print(
+        f"\nswa+ens+ts test nll: naive selection {row['naive/test/nll']:.4f}, post-hoc "
+        f"selection {row['posthoc/test/nll']:.4f} (gain over the base model "
+        f"{row['naive/gain/nll']:+.4f} -> {row['posthoc/gain/nll']:+.4f})"
+    )
+    print(f"\nConfigurations ranked by {METRIC} (naive rank beside):\n")
+    shown = [c for c in board.columns if c.startswith("config/") or c in ("rank", "epoch")]
+    print(
+        board[[*shown, METRIC, "naive_rank"]].to_string(
+            index=False, float_format=lambda v: f"{v:.4g}"
+        )
+    )
+    print(f"\nwrote {len(files)} files to {out_dir}; experiment in {results.experiment_path}")
+    print(f"done in {time.perf_counter() - start:.0f} s")
+    return DemoResult(results, table, board, epochs_run, configs * seeds * epochs, files)
+
+
+def run_grid(
+    *,
+    dataset: str = "mnist1d",
+    noise: float = 0.4,
+    n_samples: int = 12000,
+    lrs: Sequence[float] = (0.01, 0.03, 0.1, 0.3),
+    widths: Sequence[int] = (64, 256),
+    weight_decay: float = 5e-4,
+    seeds: int = 4,
+    epochs: int = 40,
+    cpus_per_trial: float = 0.5,
+    storage: str = "demo_output/ray_results",
+    name: str = "grid",
+    verbose: int = 0,
+) -> tune.ResultGrid:
+    """Train every configuration of a grid, each as ``seeds`` seeds, to the full budget: the
+    stored curves that :mod:`posthoc_tune.replay` compares strategies on."""
     data = load(dataset, noise=noise, n_samples=n_samples)
     space = with_seeds(
         {
             "lr": tune.grid_search(list(lrs)),
-            "width": 128,
-            "weight_decay": 5e-4,
+            "width": tune.grid_search(list(widths)),
+            "weight_decay": weight_decay,
             "batch_size": 128,
             "epochs": epochs,
         },
         n=seeds,
     )
     tuner = tune.Tuner(
-        tune.with_parameters(train_mlp, data=data),
+        tune.with_resources(tune.with_parameters(train_mlp, data=data), {"cpu": cpus_per_trial}),
         param_space=space,
-        tune_config=tune.TuneConfig(
-            scheduler=ASHAScheduler(
-                metric="val/swa+ts/nll", mode="min", max_t=epochs, grace_period=max(1, epochs // 4)
-            ),
-            reuse_actors=True,
-        ),
+        tune_config=tune.TuneConfig(reuse_actors=True),
         run_config=tune.RunConfig(
             name=name, storage_path=os.path.abspath(storage), verbose=verbose
         ),
     )
     results = tuner.fit()
-    table = selection_by_trial(results)
-    store = PredictionStore.open(results.experiment_path)
-    n_files = sum(len(store.epochs(t)) for t in store.trials())
-    print(
-        f"\n{dataset}, {noise:.0%} symmetric label noise: {len(results)} trials, "
-        f"{n_files} epoch files in {store.root}\n"
-    )
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    print(f"\ndone in {time.perf_counter() - start:.0f} s")
-    return results, table
+    if results.errors:
+        raise RuntimeError(f"{len(results.errors)} grid trials failed: {results.errors[0]}")
+    return results
+
+
+def _readable(table: pd.DataFrame) -> pd.DataFrame:
+    """The table's headline columns, with the selected configurations' learning rates."""
+    frame = table[
+        [
+            "naive/test/nll",
+            "posthoc/test/nll",
+            "naive/gain/nll",
+            "posthoc/gain/nll",
+            "naive/test/error",
+            "posthoc/test/error",
+            "naive/epoch",
+            "posthoc/epoch",
+        ]
+    ].copy()
+    for kind in ("naive", "posthoc"):
+        frame[f"{kind}/lr"] = [json.loads(c)["lr"] for c in table[f"{kind}/config"]]
+    return frame

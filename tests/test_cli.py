@@ -1,4 +1,5 @@
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +21,27 @@ def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
 def test_demo_runs_a_real_search_end_to_end(
     ray_session: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["demo", "--dataset", "digits", "--epochs", "4", "--storage", str(tmp_path)]
+    argv = ["demo", "--dataset", "digits", "--configs", "3", "--seeds", "2", "--epochs", "5"]
+    argv += ["--grace-period", "1", "--storage", str(tmp_path / "ray"), "--out", str(tmp_path)]
     assert main([*argv, "--name", "small"]) == 0
     out = capsys.readouterr().out
-    assert "naive epoch" in out and "post-hoc epoch" in out
-    store = PredictionStore.open(tmp_path / "small")
-    assert len(store.trials()) == 4  # 2 learning rates x 2 seeds
-    assert all(store.epochs(t) for t in store.trials())
+    assert "swa+ens+ts test nll: naive selection" in out and "naive_rank" in out
+    store = PredictionStore.open(tmp_path / "ray" / "small")
+    groups: dict[str, list[dict]] = {}
+    for trial in store.trials():
+        meta = store.metadata(trial)
+        groups.setdefault(meta["group"], []).append(meta["config"])
+        assert store.epochs(trial) == list(range(1, len(store.epochs(trial)) + 1))
+    assert len(groups) == 3  # PostHocSearch: 3 configurations x 2 seeds, seeds 0 and 1
+    for configs in groups.values():
+        assert sorted(c["seed"] for c in configs) == [0, 1]
+        assert len({json.dumps({**c, "seed": 0}, sort_keys=True) for c in configs}) == 1
+    # The written table is the selection table of the stored experiment.
+    written = pd.read_csv(tmp_path / "selection_table.csv", index_col=0)
+    expected = selection_table(tmp_path / "ray" / "small", over="configs+epochs")
+    np.testing.assert_allclose(written["posthoc/test/nll"], expected["posthoc/test/nll"])
+    assert (tmp_path / "leaderboard.md").exists()
+    assert len(list((tmp_path / "plots").glob("*.png"))) == 3 + 1  # configurations + leaderboard
 
 
 @pytest.fixture
@@ -101,7 +116,25 @@ def test_plot_command_writes_png_and_svg(experiment: Path, tmp_path: Path) -> No
     assert "naive epoch" in (out / sorted(files)[1]).read_text()  # the first curves SVG
 
 
-@pytest.mark.parametrize("command", [["table"], ["leaderboard"], ["plot", "--out", "{tmp}/f"]])
+def test_replay_command_compares_the_strategies(
+    experiment: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["replay", str(experiment), "--grace-period", "1", "--reduction-factor", "2"]
+    assert main([*argv, "--format", "csv"]) == 0
+    got = pd.read_csv(io.StringIO(capsys.readouterr().out), index_col=0)
+    assert len(got) == 5 and (got["compute"] <= 2 * 2 * 3).all()
+    full = selection_table(experiment, ["swa+ens+ts"], over="configs+epochs", select_by="nll")
+    row = full.loc["swa+ens+ts"]
+    assert got.loc["full budget, naive", "test/nll"] == pytest.approx(row["naive/test/nll"])
+    assert got.loc["full budget, post-hoc", "test/nll"] == pytest.approx(row["posthoc/test/nll"])
+    assert json.loads(got.loc["full budget, post-hoc", "config"]) == json.loads(
+        row["posthoc/config"]
+    )
+
+
+@pytest.mark.parametrize(
+    "command", [["table"], ["leaderboard"], ["replay"], ["plot", "--out", "{tmp}/f"]]
+)
 def test_a_path_that_is_not_an_experiment_gets_one_line(
     command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
