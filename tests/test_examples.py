@@ -72,3 +72,29 @@ def test_cifar10n_example_rejects_bad_arguments(
         _load("cifar10n").main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quickstart_example_runs_with_a_small_budget(
+    ray_session: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--configs", "2", "--seeds", "2", "--epochs", "5", "--samples", "2000"]
+    results = _load("quickstart").main([*argv, "--storage", str(tmp_path)])
+    assert len(results) == 4 and not results.errors
+    out = capsys.readouterr().out
+    assert "posthoc/test/nll" in out and "val/swa+ens+ts/nll" in out
+    seeds = sorted(r.config["seed"] for r in results)
+    assert seeds == [0, 0, 1, 1]  # PostHocSearch: 2 configurations x seeds 0 and 1
+
+
+@pytest.mark.slow
+def test_compare_strategies_example_runs_with_a_small_budget(
+    ray_session: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--dataset", "digits", "--lrs", "0.03", "0.3", "--widths", "32", "--seeds", "2"]
+    argv += ["--epochs", "6", "--grace-period", "1", "--storage", str(tmp_path)]
+    table = _load("compare_strategies").main(argv)
+    full = 2 * 2 * 6  # configurations x seeds x epochs
+    assert list(table["compute"][:2]) == [full, full]  # the full-budget rows
+    assert (table["compute"][2:] <= full).all()
+    assert "PostHocASHA on val/swa+ens+ts/nll" in capsys.readouterr().out
