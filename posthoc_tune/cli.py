@@ -103,6 +103,18 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--format", choices=FORMATS, default="md", help="output format")
     replay.add_argument("--out", help="write to this file instead of standard output")
 
+    compact = commands.add_parser(
+        "compact",
+        help="delete stored predictions that no later selection can use",
+        description="Shrink a finished experiment's prediction store: keep only the epochs "
+        "some naive or post-hoc selection can pick (tables and leaderboards stay the same), "
+        "and drop given trials entirely (e.g. pruned ones).",
+    )
+    compact.add_argument("experiment", help="experiment folder or URI (Tune's storage_path/name)")
+    compact.add_argument("--keep", choices=("selectable", "all"), default="selectable")
+    compact.add_argument("--drop-trials", nargs="+", default=[], help="trial ids to delete")
+    compact.add_argument("--dry-run", action="store_true", help="report, delete nothing")
+
     plot = commands.add_parser(
         "plot",
         help="curves per configuration and a leaderboard chart (PNG and SVG)",
@@ -167,6 +179,17 @@ def _run(args: argparse.Namespace) -> int:
         )
         frame["config"] = [json.dumps(c, sort_keys=True) for c in frame["config"]]
         write_frame(frame, args.format, args.out)
+    elif args.command == "compact":
+        from posthoc_tune.retention import compact
+
+        report = compact(
+            args.experiment, keep=args.keep, drop_trials=args.drop_trials, dry_run=args.dry_run
+        )
+        verb = "would delete" if args.dry_run else "deleted"
+        print(
+            f"{verb} {len(report.dropped_trials)} trials and {report.n_dropped_files} epoch "
+            f"files; {sum(map(len, report.kept_epochs.values()))} epoch files kept"
+        )
     elif args.command == "plot":
         from posthoc_tune.plots import plot_experiment
 

@@ -305,6 +305,24 @@ class PredictionStore:
         names = (i.base_name for i in self._list(self._logits_dir(trial_id)))
         return sorted(int(m.group(1)) for m in map(_EPOCH_FILE.match, names) if m)
 
+    # -- retention --------------------------------------------------------------------------
+
+    def delete_epochs(self, trial_id: str, epochs: Iterable[int]) -> None:
+        """Delete some of a trial's epoch files (see :mod:`posthoc_tune.retention`)."""
+        _check_id(trial_id)
+        for epoch in epochs:
+            _check_epoch(epoch)
+            with contextlib.suppress(FileNotFoundError):
+                self.filesystem.delete_file(self._epoch_path(trial_id, epoch))
+
+    def delete_trial(self, trial_id: str) -> None:
+        """Delete a trial's logits and metadata: it leaves the experiment's tables."""
+        _check_id(trial_id)
+        with contextlib.suppress(FileNotFoundError):
+            self.filesystem.delete_dir(self._logits_dir(trial_id))
+        with contextlib.suppress(FileNotFoundError):
+            self.filesystem.delete_file(self._meta_path(trial_id))
+
     # -- driver-side ensemble values --------------------------------------------------------
 
     def write_ensemble_values(self, group: str, epoch: int, name: str, table: pa.Table) -> None:

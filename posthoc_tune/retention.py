@@ -1,0 +1,126 @@
+"""Retention: shrink a finished experiment's store to what selection can still use.
+
+A store keeps every epoch's logits of every trial, which is what post-hoc selection needs
+while the experiment runs. Afterwards most of it can go:
+
+* **Epochs no selection can pick.** Naive selection picks each member's base-best epoch;
+  post-hoc selection the best epoch of each transform (per member, or one common epoch for an
+  ensemble or the members' mean), by val nll or val error. Keeping exactly those epochs
+  keeps every argmin, so :func:`~posthoc_tune.selection_table` (any ``over``, either
+  ``select_by``) and the leaderboard on nll/error keys give the same results afterwards.
+  Curves and plots lose their other points.
+* **Pruned trials.** Trials a scheduler stopped early (``PostHocASHA.pruned_trials``) rarely
+  hold the selected model; dropping them removes them from every later table.
+
+New stores can also be written in float16 (``PostHocReporter(store_dtype="float16")``),
+which halves the footprint. Nothing is deleted unless asked: :func:`compact` is explicit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from posthoc_tune.keys import TRANSFORMS
+from posthoc_tune.selection import Curves, argbest, configurations, open_store, scan
+from posthoc_tune.transforms import Combiner
+
+Keep = Literal["all", "selectable"]
+_OBJECTIVES = ("nll", "error")
+
+
+@dataclass(frozen=True)
+class Compaction:
+    """What :func:`compact` removed (and, with ``dry_run``, would remove)."""
+
+    dropped_trials: list[str]
+    dropped_epochs: dict[str, list[int]]  # trial id -> epochs deleted
+    kept_epochs: dict[str, list[int]]  # trial id -> epochs kept
+
+    @property
+    def n_dropped_files(self) -> int:
+        """Epoch files deleted from the trials that stay."""
+        return sum(len(e) for e in self.dropped_epochs.values())
+
+
+def selectable_epochs(curves: Curves) -> dict[str, set[int]]:
+    """Per member, the epochs a naive or post-hoc selection of any transform can pick, by
+    val nll or val error: each member's best epoch of each single-model transform, and the
+    best common epoch of each ensemble and of each single-model transform's mean over the
+    members (the leaderboard's pick for a per-trial key), for every member."""
+    keep: dict[str, set[int | None]] = {m: set() for m in curves.members}
+    for obj in _OBJECTIVES:
+        key = f"val/{obj}"
+        for per_member in curves.single.values():
+            for m, curve in per_member.items():
+                keep[m].add(argbest(curve, key))
+            common = set.intersection(*(set(c) for c in per_member.values()))
+            mean = {
+                e: {key: float(np.mean([c[e][key] for c in per_member.values()]))} for e in common
+            }
+            for m in curves.members:  # the leaderboard's epoch for a per-trial key
+                keep[m].add(argbest(mean, key))
+        for curve in curves.ens.values():
+            epoch = argbest(curve, key)
+            for m in curves.members:
+                keep[m].add(epoch)
+    return {m: {e for e in epochs if e is not None} for m, epochs in keep.items()}
+
+
+def compact(
+    experiment: Any,
+    *,
+    keep: Keep = "selectable",
+    drop_trials: Iterable[str] = (),
+    ensemble: Combiner = "logits",
+    dry_run: bool = False,
+) -> Compaction:
+    """Delete what later selection does not need from an experiment's store.
+
+    Args:
+        experiment: a ``tune.ResultGrid``, an experiment path/URI or a PredictionStore.
+        keep: ``"selectable"``: of the remaining trials, only the epochs some selection can
+            pick (see the module docstring); ``"all"``: every epoch.
+        drop_trials: trials to delete entirely (logits and metadata), e.g. a scheduler's
+            ``pruned_trials``.
+        ensemble: the combiner later selections will use (it decides the ensembles' best
+            epochs).
+        dry_run: report what would be deleted, delete nothing.
+
+    Run it after the experiment has finished: trials still writing would race the deletes.
+    The epochs to keep are decided (a full scan) before anything is deleted, so an
+    interrupted compaction leaves a store that is a subset of a valid one.
+    """
+    if keep not in ("all", "selectable"):
+        raise ValueError(f"keep must be 'all' or 'selectable', got {keep!r}")
+    store = open_store(experiment)
+    trials = set(store.trials())
+    dropped = sorted(set(drop_trials))
+    unknown = [t for t in dropped if t not in trials]
+    if unknown:
+        raise ValueError(f"drop_trials names trials the store does not hold: {unknown[:5]}")
+    kept: dict[str, list[int]] = {}
+    deleted: dict[str, list[int]] = {}
+    if keep == "selectable":
+        for group, (members, config) in configurations(store).items():
+            members = [m for m in members if m not in dropped]
+            if not members:
+                continue
+            curves = scan(store, group, members, config, list(TRANSFORMS), "same", ensemble)
+            for m, selectable in selectable_epochs(curves).items():
+                kept[m] = sorted(selectable)
+                deleted[m] = [e for e in store.epochs(m) if e not in selectable]
+    else:
+        kept = {m: store.epochs(m) for m in sorted(trials - set(dropped))}
+    if not dry_run:
+        for trial_id in dropped:
+            store.delete_trial(trial_id)
+        for trial_id, gone in deleted.items():
+            store.delete_epochs(trial_id, gone)
+    return Compaction(dropped, deleted, kept)
+
+
+__all__ = ["Compaction", "compact", "selectable_epochs"]
