@@ -15,7 +15,12 @@ def _cpu_tensor(x: object, name: str) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.detach().to("cpu")
     if isinstance(x, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(x))
+        try:
+            return torch.from_numpy(np.ascontiguousarray(x))
+        except TypeError:  # object, string, longdouble, ...: torch's message names no argument
+            raise TypeError(
+                f"{name} must be a numeric array (integer or float), got numpy dtype {x.dtype}"
+            ) from None
     raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(x).__name__}")
 
 
@@ -38,11 +43,18 @@ def as_logits(
     return t.to(dtype)
 
 
-def as_labels(labels: object, n_rows: int, n_classes: int, name: str = "labels") -> torch.Tensor:
-    """Return integer class labels as an int64 CPU tensor, checking length and range."""
-    t = _cpu_tensor(labels, name)
+def integer_tensor(x: object, name: str) -> torch.Tensor:
+    """``x`` as a CPU tensor, which must have an integer dtype: a cast would silently turn
+    float labels 1.9 into 1 and bools into 0/1."""
+    t = _cpu_tensor(x, name)
     if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
         raise TypeError(f"{name} must have an integer dtype, got {t.dtype}")
+    return t
+
+
+def as_labels(labels: object, n_rows: int, n_classes: int, name: str = "labels") -> torch.Tensor:
+    """Return integer class labels as an int64 CPU tensor, checking length and range."""
+    t = integer_tensor(labels, name)
     if t.ndim != 1 or t.shape[0] != n_rows:
         raise ValueError(
             f"{name} must have shape ({n_rows},) to match the logits, got {tuple(t.shape)}"

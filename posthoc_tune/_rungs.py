@@ -53,7 +53,7 @@ class Bracket:
         values = [v for v in self.recorded[rung].values() if not math.isnan(v)]
         if not values:
             return None
-        return float(np.percentile(values, (1 - 1 / self.reduction_factor) * 100))
+        return _percentile(values, (1 - 1 / self.reduction_factor) * 100)
 
     def record(self, arm: str, rung: int, score: float) -> tuple[bool, float | None]:
         """Judge ``score`` against the rung's cutoff, then record it; returns (stop, cutoff).
@@ -65,3 +65,19 @@ class Bracket:
         stop = cutoff is not None and (math.isnan(score) or score < cutoff)
         self.recorded[rung][arm] = score
         return stop, cutoff
+
+
+def _percentile(values: list[float], q: float) -> float:
+    """``np.percentile(values, q)`` (linear interpolation, as Ray's cutoff), also where a
+    neighbour is infinite: numpy's interpolation gives NaN between a finite value and +-inf
+    (inf - inf), which would let every arm pass; the infinite neighbour is the limit there."""
+    x = sorted(values)
+    pos = q / 100 * (len(x) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(x) - 1)
+    a, b = x[lo], x[hi]
+    if math.isfinite(a) and math.isfinite(b):
+        return float(np.percentile(values, q))
+    if pos == lo or a == b:
+        return a
+    return a if a == -math.inf else b

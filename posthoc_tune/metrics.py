@@ -1,8 +1,10 @@
 """Classification metrics on logits: NLL, error, ECE and Brier score.
 
 Every function takes ``(logits, labels)`` as numpy arrays or torch tensors (any device) and
-returns a Python float. Elementwise work runs in float64 for float64 input and in float32
-otherwise (model outputs); means over rows are always accumulated in float64.
+returns a Python float. Elementwise work runs in float64 for float64 and integer input (integers
+are exact in float64 up to 2**53, not in float32) and in float32 otherwise (model outputs);
+means over rows are always accumulated in float64. Predictions are the argmax of the logits
+themselves (first index on ties), so rounding in the softmax never changes a prediction.
 
 NaN behaviour (documented contract): if any logit is NaN or +-inf the model has diverged and
 every metric is ``nan``; posthoc_tune's selection ranks NaN worst. Malformed input (wrong
@@ -27,15 +29,24 @@ ECE_BINS = 15
 
 
 class _Scores:
-    """Log-probabilities and labels of one evaluation, with probabilities computed once."""
+    """Logits, log-probabilities and labels of one evaluation; probabilities and predictions
+    computed once."""
 
-    def __init__(self, log_probs: torch.Tensor, labels: torch.Tensor) -> None:
-        self.log_probs = log_probs
+    def __init__(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.logits = logits
+        self.log_probs = torch.log_softmax(logits, dim=1)
         self.labels = labels
 
     @functools.cached_property
     def probs(self) -> torch.Tensor:
         return self.log_probs.exp()
+
+    @functools.cached_property
+    def pred(self) -> torch.Tensor:
+        # From the logits: log_softmax can round distinct near-equal logits to a tie (e.g.
+        # float32 [0.49999997, 0.5] -> [-0.6931472, -0.6931472]), and the tie would pick the
+        # smaller logit.
+        return self.logits.argmax(dim=1)
 
 
 def _all_finite(z: torch.Tensor) -> bool:
@@ -53,12 +64,13 @@ def _nll(s: _Scores) -> float:
 
 
 def _error(s: _Scores) -> float:
-    return _mean(s.log_probs.argmax(dim=1) != s.labels)
+    return _mean(s.pred != s.labels)
 
 
 def _ece(s: _Scores) -> float:
-    conf, pred = s.probs.max(dim=1)
-    conf = conf.to(torch.float64)
+    # The top-label probability is the predicted class's (exp and the shift are monotone).
+    conf = s.probs.max(dim=1).values.to(torch.float64)
+    pred = s.pred
     # Bin b (0-based) holds confidences in (b/15, (b+1)/15]: right-closed bins.
     bins = (torch.ceil(conf * ECE_BINS) - 1).clamp_(0, ECE_BINS - 1).to(torch.int64)
     gap = torch.zeros(ECE_BINS, dtype=torch.float64)
@@ -81,13 +93,20 @@ def evaluate(
     """Compute several metrics at once, sharing one log-softmax pass."""
     names = [check_name("metric", m, METRICS) for m in metrics]
     # Elementwise work in the input's precision (float32 for model outputs), means in float64.
-    wide = getattr(logits, "dtype", None) in (np.float64, torch.float64)
-    z = as_logits(logits, dtype=torch.float64 if wide else torch.float32)
+    z = as_logits(logits, dtype=torch.float64 if _is_wide(logits) else torch.float32)
     y = as_labels(labels, z.shape[0], z.shape[1])
     if not _all_finite(z):
         return {m: math.nan for m in names}
-    scores = _Scores(torch.log_softmax(z, dim=1), y)
+    scores = _Scores(z, y)
     return {m: _IMPLS[m](scores) for m in names}
+
+
+def _is_wide(logits: object) -> bool:
+    """float64 and integer logits are evaluated in float64 (float32 would round integers)."""
+    dtype = getattr(logits, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype == torch.float64 or not (dtype.is_floating_point or dtype.is_complex)
+    return isinstance(dtype, np.dtype) and (dtype == np.float64 or dtype.kind in "iu")
 
 
 def nll(logits: ArrayLike, labels: ArrayLike) -> float:

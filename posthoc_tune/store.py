@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from posthoc_tune._arrays import ArrayLike, to_numpy
+from posthoc_tune._arrays import ArrayLike, integer_tensor, to_numpy
 from posthoc_tune.groups import group_key, jsonable
 from posthoc_tune.keys import SPLITS, VARIANTS, check_name
 
@@ -37,7 +37,7 @@ FORMAT_VERSION = 1
 STORE_DIR = "posthoc"
 _EPOCH_FILE = re.compile(r"^epoch_(\d{6})\.parquet$")
 _META_FILE = re.compile(r"^([^.].*)\.json$")
-_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")  # used with fullmatch
 _ATOMIC_PUT = {"s3", "gcs", "abfs"}  # filesystems whose uploads become visible only on close
 
 _TEMPERATURES = b"posthoc_tune.temperatures"
@@ -110,7 +110,7 @@ class PredictionStore:
         compare trials row by row.
         """
         check_name("split", split, SPLITS)
-        y = to_numpy(labels, np.int64)
+        y = integer_tensor(labels, f"{split} labels").numpy().astype(np.int64, copy=False)
         if y.ndim != 1 or y.size == 0:
             raise ValueError(f"{split} labels must be a non-empty 1-D array, got shape {y.shape}")
         if y.min() < 0:
@@ -542,7 +542,7 @@ def _base_type_name(fs: pafs.FileSystem) -> str:
 
 def _check_id(trial_id: object) -> None:
     """Trial ids become path components: allow only names that cannot escape the store."""
-    if not isinstance(trial_id, str) or not _SAFE_ID.match(trial_id) or ".." in trial_id:
+    if not isinstance(trial_id, str) or not _SAFE_ID.fullmatch(trial_id) or ".." in trial_id:
         raise ValueError(
             f"invalid trial id {trial_id!r}: expected 1-128 characters from [A-Za-z0-9_.-] "
             f"starting with a letter or digit, without '..'"

@@ -83,7 +83,8 @@ class TemperatureScaler:
             if not bool(torch.isfinite(z).all()):
                 return self._fall_back("logits contain NaN or inf")
             return self._fall_back(f"Newton did not converge in {self.max_iter} iterations")
-        self.temperature_ = math.exp(u)
+        # exp(log(b)) can round one ulp past a bound (exp(log(100)) = 100.00000000000004).
+        self.temperature_ = min(max(math.exp(u), self.bounds[0]), self.bounds[1])
         self.n_iter_ = n_iter
         self.converged_ = True
         self.fallback_ = False
@@ -246,6 +247,10 @@ def combine(members: Sequence[A], how: Combiner = "logits") -> A:
 
     ``how="logits"``: mean of logits (the paper's choice). ``how="probs"``: log of the mean of
     the members' softmax probabilities. Members must all have the same shape (N, C).
+
+    A member with a NaN or +-inf logit has diverged (its metrics are NaN): the ensemble's rows
+    that hold such a value are never finite either, so the ensemble's metrics are NaN too.
+    (Without this, ``how="probs"`` would read a -inf logit as probability 0 and hide it.)
     """
     if how not in ("logits", "probs"):
         raise ValueError(f"unknown combiner {how!r}; expected 'logits' or 'probs'")
@@ -262,6 +267,8 @@ def combine(members: Sequence[A], how: Combiner = "logits") -> A:
         out = stacked.mean(dim=0)
     else:
         out = torch.logsumexp(torch.log_softmax(stacked, dim=2), dim=0) - math.log(len(members))
+        if not math.isfinite(float(stacked.sum())):  # cheap test first, as in metrics
+            out[~torch.isfinite(stacked).all(dim=2).all(dim=0)] = math.nan
     first = members[0]
     if isinstance(first, torch.Tensor):
         return out.to(dtype=first.dtype, device=first.device)
