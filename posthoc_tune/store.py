@@ -434,8 +434,14 @@ class PredictionStore:
         parent = posixpath.dirname(path)
         self.filesystem.create_dir(parent, recursive=True)
         if self._atomic_put:
+            # An object is published when its stream closes, and a stream closes (it cannot
+            # abort) even when the write fails: ParquetWriter's exit would then finish a
+            # valid file holding only the parts written so far. Build the file in memory,
+            # so a failed write uploads nothing.
+            buffer = pa.BufferOutputStream()
+            write(buffer)
             with self.filesystem.open_output_stream(path) as sink:
-                write(sink)
+                sink.write(buffer.getvalue())
             return
         tmp = posixpath.join(parent, f".{posixpath.basename(path)}.tmp-{uuid.uuid4().hex}")
         try:
