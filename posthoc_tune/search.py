@@ -273,22 +273,18 @@ class PostHocSearch(Searcher):
             group.member_values.setdefault(trial_id, {})[epoch] = float(result[self._metric])
 
     def _score_ready_epochs(self, group: _Group) -> None:
-        """Score, in order, each epoch that every non-failed member has reached or will
-        never reach (it finished), once all K members have started."""
+        """Score, in order, each epoch that every member has reached (failed members
+        excluded), once all K members have started. Epochs that a member stopped before are
+        never scored: an ensemble of fewer members is a different model."""
         if len(group.members) < self.n_seeds:
             return
         members = [m for m in group.members if m not in group.errored]
-        waiting = [group.progress.get(m, 0) for m in members if m not in group.done]
-        reached = [group.progress.get(m, 0) for m in members]
-        if not reached:
+        if not members:
             return
-        limit = min(waiting) if waiting else max(reached)
-        first = max(group.values, default=0) + 1
-        for epoch in range(first, limit + 1):
-            with_epoch = [m for m in members if group.progress.get(m, 0) >= epoch]
-            if with_epoch:
-                group.values[epoch] = self._score(group, with_epoch, epoch)
-                self._report(group, epoch)
+        limit = min(group.progress.get(m, 0) for m in members)
+        for epoch in range(max(group.values, default=0) + 1, limit + 1):
+            group.values[epoch] = self._score(group, members, epoch)
+            self._report(group, epoch)
 
     def _score(self, group: _Group, members: list[str], epoch: int) -> float:
         assert self._metric is not None
