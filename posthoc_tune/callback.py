@@ -15,6 +15,7 @@ from typing import Any
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
+from posthoc_tune._cluster import check_shared_storage
 from posthoc_tune.schedulers import PostHocASHA
 from posthoc_tune.search import PostHocSearch
 from posthoc_tune.store import PredictionStore
@@ -32,6 +33,7 @@ class PostHocCallback(Callback):
             )
         self.schedulers = [c for c in components if isinstance(c, PostHocASHA)]
         self.searchers = [c for c in components if isinstance(c, PostHocSearch)]
+        self._checked_storage = False
         for searcher in self.searchers:
             for scheduler in self.schedulers:
                 searcher.link(scheduler)
@@ -51,10 +53,12 @@ class PostHocCallback(Callback):
     ) -> None:
         storage = trial.storage
         if storage is not None:
+            store = PredictionStore(storage.storage_filesystem, storage.experiment_fs_path)
+            if not self._checked_storage:  # on the driver, before any trial writes
+                check_shared_storage(store)
+                self._checked_storage = True
             for searcher in self.searchers:
-                searcher.attach_store(
-                    PredictionStore(storage.storage_filesystem, storage.experiment_fs_path)
-                )
+                searcher.attach_store(store)
 
     def on_trial_result(
         self,

@@ -23,6 +23,7 @@ import torch
 from ray import tune
 
 from posthoc_tune._arrays import ArrayLike, to_numpy
+from posthoc_tune._cluster import check_shared_storage
 from posthoc_tune.keys import VARIANTS, metric_keys
 from posthoc_tune.metrics import evaluate
 from posthoc_tune.store import Dtype, PredictionStore
@@ -221,6 +222,8 @@ class PostHocReporter:
         else:
             self.store = None
         if self.store is not None:
+            if self.in_tune:
+                check_shared_storage(self.store)
             self.store.write_metadata(self.trial_id, config, seed_key)
         if self.in_tune and self._checkpoint is not None:
             ckpt = tune.get_checkpoint()

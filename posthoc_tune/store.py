@@ -77,6 +77,7 @@ class PredictionStore:
         self.dtype: Dtype = dtype
         self._labels: dict[str, np.ndarray] = {}
         self._atomic_put = _base_type_name(filesystem) in _ATOMIC_PUT
+        self.is_local = _base_type_name(filesystem) == "local"
 
     @classmethod
     def open(
