@@ -224,6 +224,7 @@ class PostHocReporter:
         if self.store is not None:
             if self.in_tune:
                 check_shared_storage(self.store)
+                self.store.discard_partial_writes(self.trial_id)  # of a killed attempt
             self.store.write_metadata(self.trial_id, config, seed_key)
         if self.in_tune and self._checkpoint is not None:
             ckpt = tune.get_checkpoint()

@@ -38,6 +38,7 @@ STORE_DIR = "posthoc"
 _EPOCH_FILE = re.compile(r"^epoch_(\d{6})\.parquet$")
 _META_FILE = re.compile(r"^([^.].*)\.json$")
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")  # used with fullmatch
+_TMP = ".tmp-"  # in the names of files being written: ".<name>.tmp-<uuid>"
 _ATOMIC_PUT = {"s3", "gcs", "abfs"}  # filesystems whose uploads become visible only on close
 
 _TEMPERATURES = b"posthoc_tune.temperatures"
@@ -324,6 +325,33 @@ class PredictionStore:
         with contextlib.suppress(FileNotFoundError):
             self.filesystem.delete_file(self._meta_path(trial_id))
 
+    def discard_partial_writes(self, trial_id: str) -> list[str]:
+        """Delete the temporary files a killed writer of ``trial_id`` left; return their paths.
+
+        A file store publishes by renaming a finished temporary file (readers never list
+        those), so a worker killed mid-write leaves one behind; object stores upload whole
+        files and leave none. The reporter calls this when a trial (re)starts: no other
+        writer uses a trial's names, and its earlier attempt is dead by then.
+        """
+        _check_id(trial_id)
+        if self._atomic_put:
+            return []
+        stale = [
+            info.path
+            for info in self._list(self._logits_dir(trial_id))
+            if info.base_name.startswith(".epoch_") and _TMP in info.base_name
+        ]
+        meta_prefix = f".{posixpath.basename(self._meta_path(trial_id))}{_TMP}"
+        stale += [
+            info.path
+            for info in self._list(posixpath.dirname(self._meta_path(trial_id)))
+            if info.base_name.startswith(meta_prefix)
+        ]
+        for path in stale:
+            with contextlib.suppress(FileNotFoundError):
+                self.filesystem.delete_file(path)
+        return stale
+
     # -- driver-side ensemble values --------------------------------------------------------
 
     def write_ensemble_values(self, group: str, epoch: int, name: str, table: pa.Table) -> None:
@@ -444,7 +472,7 @@ class PredictionStore:
             with self.filesystem.open_output_stream(path) as sink:
                 sink.write(buffer.getvalue())
             return
-        tmp = posixpath.join(parent, f".{posixpath.basename(path)}.tmp-{uuid.uuid4().hex}")
+        tmp = posixpath.join(parent, f".{posixpath.basename(path)}{_TMP}{uuid.uuid4().hex}")
         try:
             with self.filesystem.open_output_stream(tmp) as sink:
                 write(sink)

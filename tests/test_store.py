@@ -263,3 +263,31 @@ def test_unreachable_storage_names_the_location() -> None:
         PredictionStore.open("nosuch://bucket/exp")
     with pytest.raises(ValueError, match="unknown store dtype 'float64'"):
         PredictionStore.open("/tmp", dtype="float64")  # type: ignore[arg-type]
+
+
+def test_partial_writes_of_a_killed_attempt_are_discarded_for_that_trial_only(
+    store: PredictionStore,
+) -> None:
+    parts = _epoch(np.random.default_rng(5))
+    for trial in ("a", "ab"):
+        store.write_metadata(trial, {"seed": 0})
+        store.write_epoch(trial, 1, parts)
+    root = Path(store.root)
+    # What a writer killed between opening and renaming its temporary file leaves behind.
+    leftovers = {
+        trial: [
+            root / "logits" / trial / ".epoch_000002.parquet.tmp-0f0f",
+            root / "meta" / f".{trial}.json.tmp-0f0f",
+        ]
+        for trial in ("a", "ab")
+    }
+    for path in (p for paths in leftovers.values() for p in paths):
+        path.write_bytes(b"PAR1 half an epoch")
+    assert store.epochs("a") == [1]  # never listed
+
+    removed = store.discard_partial_writes("a")
+    assert sorted(map(Path, removed)) == sorted(leftovers["a"])
+    assert not any(p.exists() for p in leftovers["a"])
+    assert all(p.exists() for p in leftovers["ab"])  # another trial's names: untouched
+    assert store.epochs("a") == [1] and store.metadata("a")["seed"] == 0
+    assert store.discard_partial_writes("a") == []
