@@ -1,4 +1,4 @@
-"""Faults in real Tune runs: a worker killed mid-write resumes from its checkpoint."""
+"""Faults in real Tune runs: a worker killed mid-write, a driver interrupted and restored."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import optuna
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -16,6 +18,7 @@ from ray import tune
 import posthoc_tune as pht
 from posthoc_tune import PostHocASHA, PostHocReporter, PredictionStore
 from tests import reference as ref
+from tests.interrupt import Interrupt
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +47,7 @@ def train(config: dict[str, Any]) -> None:
     d = _data()
     torch.manual_seed(config["seed"])
     model = ref.bn_mlp(N_IN, C)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=config.get("lr", 0.1), momentum=0.9)
     reporter = PostHocReporter(
         model,
         config,
@@ -52,10 +55,15 @@ def train(config: dict[str, Any]) -> None:
         test=(d["x_test"], d["y_test"]),
         checkpoint={"optimizer": opt},
     )
-    marker = Path(config["marker"])
+    marker = Path(config.get("marker", "/nonexistent"))
     for epoch in range(reporter.epoch + 1, EPOCHS + 1):
         ref.full_batch_step(model, opt, d["x"], d["y"])
-        if config["kill"] and config["seed"] == 1 and epoch == KILL_EPOCH and not marker.exists():
+        if (
+            config.get("kill")
+            and config["seed"] == 1
+            and epoch == KILL_EPOCH
+            and not marker.exists()
+        ):
             marker.touch()
             _die_after_first_row_group()
         reporter.step()
@@ -113,3 +121,77 @@ def test_a_worker_killed_mid_write_resumes_and_its_group_uses_the_resumed_member
         val = [store.read(m, int(epoch), "val", "swa") for m in members]
         ev, _ = ref.ensemble(val, val, y)
         assert value == pytest.approx(ref.nll(ev, y), rel=1e-3)
+
+
+def _search(tmp_path: Path, name: str, crash_after: int | None) -> Path:
+    """PostHocSearch + PostHocASHA over 3 configurations x 2 seeds; returns the experiment
+    path. Runs one configuration's seeds at a time (max_concurrent_trials = seeds), so the
+    order of rung decisions and of Optuna's asks does not depend on timing."""
+    search = pht.PostHocSearch(
+        space={"lr": tune.loguniform(0.01, 0.5)},
+        metric=GROUP_KEY,
+        mode="min",
+        n_seeds=SEEDS,
+        sampler=optuna.samplers.TPESampler(seed=7),
+        storage=f"sqlite:///{tmp_path / name}.db",
+        study_name=name,
+    )
+    scheduler = PostHocASHA(
+        metric=GROUP_KEY, mode="min", max_t=EPOCHS, grace_period=1, reduction_factor=2
+    )
+    callbacks: list[tune.Callback] = [pht.PostHocCallback(scheduler, search)]
+    if crash_after is not None:
+        callbacks.append(Interrupt(tmp_path / f"{name}-crashed", after=crash_after))
+    trainable = tune.with_resources(train, {"cpu": 0.5})
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=search,
+            scheduler=scheduler,
+            num_samples=3 * SEEDS,
+            max_concurrent_trials=SEEDS,
+            time_budget_s=180,
+        ),
+        run_config=tune.RunConfig(
+            name=name, storage_path=str(tmp_path / "ray"), verbose=0, callbacks=callbacks
+        ),
+    )
+    path = tmp_path / "ray" / name
+    if crash_after is None:
+        assert not tuner.fit().errors
+        return path
+    with pytest.raises(Exception, match="simulated driver crash"):
+        tuner.fit()
+    results = tune.Tuner.restore(str(path), trainable, resume_unfinished=True).fit()
+    assert len(results) == 3 * SEEDS and not results.errors
+    return path
+
+
+def _outcome(path: Path, name: str) -> dict[str, pd.DataFrame]:
+    """What a user reads at the end, without trial ids (they differ between experiments)."""
+    store = PredictionStore.open(path)
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{path.parents[1] / name}.db")
+    return {
+        "table": pht.selection_table(path, over="configs+epochs"),
+        "leaderboard": pht.leaderboard(path, GROUP_KEY),
+        "ensembles": pht.ensemble_table(store).drop(columns=["members"]),
+        "study": pd.DataFrame(
+            [(t.number, t.params["lr"], t.value, t.state.name) for t in study.trials],
+            columns=["number", "lr", "value", "state"],
+        ),
+        "epochs": pd.DataFrame({"epochs": sorted(len(store.epochs(t)) for t in store.trials())}),
+    }
+
+
+def test_a_restored_driver_ends_with_the_uninterrupted_run_s_tables(
+    ray_session: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "0")  # checkpoint the experiment every step
+    straight = _outcome(_search(tmp_path, "straight", None), "straight")
+    restored_path = _search(tmp_path, "restored", crash_after=3)  # mid-way: a group half done
+    restored = _outcome(restored_path, "restored")
+    assert set(straight["study"]["state"]) == {"COMPLETE", "PRUNED"}  # both kinds of outcome
+    for name, expected in straight.items():
+        pd.testing.assert_frame_equal(
+            restored[name], expected, check_exact=False, rtol=1e-6, obj=name
+        )
