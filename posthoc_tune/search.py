@@ -84,7 +84,8 @@ class PostHocSearch(Searcher):
     :class:`PostHocCallback`) is told ``PRUNED``: TPE ranks pruned trials below completed ones,
     by the last epoch reached and the value reported there, so it still learns from them.
     Other groups are told ``COMPLETE`` with their objective, or ``FAIL`` when every member
-    errored or no epoch could be scored.
+    errored or the objective is not finite (no finite epoch for ``best``, a diverged last
+    epoch for ``last``): a NaN never makes a group look better than it is.
     """
 
     def __init__(
@@ -307,19 +308,24 @@ class PostHocSearch(Searcher):
 
     def _tell(self, group: _Group) -> None:
         group.told = True
-        finite = {e: v for e, v in group.values.items() if math.isfinite(v)}
+        value = self._objective_of(group.values)
         pruned = any(m in s.pruned_trials for s in self._schedulers for m in group.members)
         if pruned:
             self.study.tell(group.number, state=optuna.trial.TrialState.PRUNED)
-        elif not finite or len(group.errored) == self.n_seeds:
+        elif not math.isfinite(value) or len(group.errored) == self.n_seeds:
             self.study.tell(group.number, state=optuna.trial.TrialState.FAIL)
         else:
-            self.study.tell(group.number, self._objective_of(finite))
+            self.study.tell(group.number, value)
 
     def _objective_of(self, values: Mapping[int, float]) -> float:
+        """The objective over the scored epochs; NaN when it has no finite value (a diverged
+        last epoch included: an earlier finite value would rank the group too well)."""
         if self.objective == "last":
-            return values[max(values)]
-        return min(values.values()) if self._mode == "min" else max(values.values())
+            return values[max(values)] if values else math.nan
+        finite = [v for v in values.values() if math.isfinite(v)]
+        if not finite:
+            return math.nan
+        return min(finite) if self._mode == "min" else max(finite)
 
     def _ensembles(self) -> EnsembleEvaluator:
         if self._evaluator is None:

@@ -199,6 +199,37 @@ def test_bad_tune_setups_get_clear_errors() -> None:
         group.on_trial_result("t0", {"epoch": 1, GROUP_KEY: math.nan})
 
 
+@pytest.mark.parametrize(
+    ("objective", "curve", "told"),
+    [
+        ("best", [0.7, math.nan, 0.5, 0.6], 0.5),  # the best finite epoch
+        ("last", [0.7, 0.5, 0.6], 0.6),
+        ("last", [0.7, 0.5, math.nan], None),  # diverged at the end: not 0.5
+        ("best", [math.nan, math.inf], None),
+    ],
+)
+def test_a_nan_never_makes_a_group_look_better(
+    objective: str, curve: list[float], told: float | None
+) -> None:
+    search = PostHocSearch(
+        {"x": tune.uniform(0, 1)}, metric="val/swa/nll", mode="min", n_seeds=2, objective=objective
+    )
+    trials = ["t0", "t1"]
+    for trial in trials:
+        search.suggest(trial)
+    for epoch, value in enumerate(curve, start=1):
+        for trial in trials:  # per-trial key: the group value is the members' mean
+            search.on_trial_result(trial, {"epoch": epoch, "val/swa/nll": value})
+    for trial in trials:
+        search.on_trial_complete(trial)
+    (trial_record,) = search.study.trials
+    if told is None:
+        assert trial_record.state == optuna.trial.TrialState.FAIL
+    else:
+        assert trial_record.state == optuna.trial.TrialState.COMPLETE
+        assert trial_record.value == pytest.approx(told)
+
+
 def test_restore_mid_search_keeps_history_and_pending_groups(
     ray_session: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
