@@ -98,3 +98,22 @@ def test_compare_strategies_example_runs_with_a_small_budget(
     assert list(table["compute"][:2]) == [full, full]  # the full-budget rows
     assert (table["compute"][2:] <= full).all()
     assert "PostHocASHA on val/swa+ens+ts/nll" in capsys.readouterr().out
+
+
+def test_gpu_overhead_script_measures_the_reporter_on_cpu(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """benchmarks/gpu_overhead.py (run by gpu_check.sh on a GPU) works end to end on the CPU."""
+    spec = importlib.util.spec_from_file_location(
+        "gpu_overhead", EXAMPLES.parent / "benchmarks" / "gpu_overhead.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sizes = ["--train", "64", "--val", "40", "--test", "30", "--width", "4", "--epochs", "2"]
+    out = module.main(["--device", "cpu", *sizes])
+    assert out["reporter / train"] == pytest.approx(out["reporter s"] / out["train s"])
+    assert out["reporter s"] > 0 and out["store MB per epoch"] > 0
+    # float32 logits of 10 classes, base and SWA, val and test: at least 4 bytes per value
+    assert out["store MB per epoch"] * 2**20 >= 4 * 10 * 2 * (40 + 30)
+    assert "| reporter / train |" in capsys.readouterr().out
