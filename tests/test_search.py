@@ -14,6 +14,7 @@ from ray import tune
 
 import posthoc_tune as pht
 from posthoc_tune import PostHocASHA, PostHocCallback, PostHocSearch, PredictionStore
+from posthoc_tune.search import Objective
 from tests import reference as ref
 from tests.interrupt import Interrupt
 
@@ -209,7 +210,7 @@ def test_bad_tune_setups_get_clear_errors() -> None:
     ],
 )
 def test_a_nan_never_makes_a_group_look_better(
-    objective: str, curve: list[float], told: float | None
+    objective: Objective, curve: list[float], told: float | None
 ) -> None:
     search = PostHocSearch(
         {"x": tune.uniform(0, 1)}, metric="val/swa/nll", mode="min", n_seeds=2, objective=objective

@@ -1,0 +1,1 @@
+"""Runnable examples (scripts; importable for their helpers, e.g. by benchmarks/)."""
