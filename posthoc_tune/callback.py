@@ -71,6 +71,13 @@ class PostHocCallback(Callback):
         for scheduler in self.schedulers:
             scheduler.annotate(trial, result)
 
+    def on_trial_error(
+        self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
+    ) -> None:
+        # Final failures only: a trial Tune retries gets on_trial_recover instead.
+        for scheduler in self.schedulers:
+            scheduler.on_member_failed(trial)
+
     def get_state(self) -> dict[str, Any]:
         return {"schedulers": [s.get_state() for s in self.schedulers]}
 

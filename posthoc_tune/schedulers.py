@@ -258,12 +258,24 @@ class PostHocASHA(FIFOScheduler):
                 self._log(trial_id, bracket, rung, score, cutoff, _FINAL, members=(trial_id,))
 
     def on_trial_error(self, tune_controller: Any, trial: Trial) -> None:
+        # Tune calls this for a final failure and also just before it retries a trial (then
+        # on_trial_add follows at once). Judging the group here would decide a rung without
+        # the member about to resume, so the group is judged at its next event instead, or
+        # at once by the callback's on_trial_error, which Tune calls for final failures only.
         member = self._member(trial.trial_id)
         if member is not None:
             member.status = _ERROR
             if self._evaluator is not None:
                 self._evaluator.discard([trial.trial_id])
-            self._decide_group(tune_controller, self._trial_arm[trial.trial_id], current=None)
+
+    def on_member_failed(self, trial: Trial) -> None:
+        """Judge the group of a member that failed for good (called by PostHocCallback).
+
+        Without Tune's controller at hand, the group's other live members are stopped at
+        their next result if it loses."""
+        member = self._member(trial.trial_id)
+        if member is not None and member.status == _ERROR:
+            self._decide_group(None, self._trial_arm[trial.trial_id], current=None)
 
     def on_trial_remove(self, tune_controller: Any, trial: Trial) -> None:
         member = self._member(trial.trial_id)
@@ -381,7 +393,12 @@ class PostHocASHA(FIFOScheduler):
         if self._rung_value == "best":
             score = group.best = _best(group.best, score)
         stop, cutoff = bracket.record(arm, rung, score)
-        action = TrialScheduler.STOP if stop else TrialScheduler.CONTINUE
+        if bracket.milestones[rung] >= self._max_t:
+            # A rung at max_t (grace_period * rf**k == max_t) records the value, as Ray's
+            # ASHA does for a finished trial, but prunes nothing: the group ran its budget.
+            stop, action = False, _FINAL
+        else:
+            action = TrialScheduler.STOP if stop else TrialScheduler.CONTINUE
         self._log(arm, bracket, rung, score, cutoff, action, members=value.members, epoch=epoch)
         if stop:
             group.stopped = True
@@ -389,7 +406,8 @@ class PostHocASHA(FIFOScheduler):
             self._ensembles(arm).discard(group.members)
             for trial_id in group.members:
                 trial = self._trials.get(trial_id)
-                if trial_id != current and trial is not None and trial.status in _STOPPABLE:
+                stoppable = trial is not None and trial.status in _STOPPABLE
+                if tc is not None and trial_id != current and stoppable:
                     tc.stop_trial(trial)
         return stop
 
@@ -461,7 +479,8 @@ class PostHocASHA(FIFOScheduler):
     def decisions(self) -> pd.DataFrame:
         """Every rung decision: arm (trial id or group key), bracket, milestone, epoch (group
         keys), value and cutoff in the metric's own units, decision (``CONTINUE``, ``STOP``,
-        or ``FINAL`` for a finished trial's last value, recorded as Ray's ASHA records it),
+        or ``FINAL`` for a finished trial's last value, recorded as Ray's ASHA records it, and for
+        a group's value at a rung at ``max_t``),
         and the members used."""
         columns = [
             "arm",

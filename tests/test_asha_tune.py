@@ -257,7 +257,8 @@ def test_rung_records_survive_tuner_restore(
     with pytest.raises(Exception, match="simulated driver crash"):
         tuner.fit()
     before = scheduler.decisions
-    assert set(before["n_members"]) == {SEEDS} and (before["decision"] == "CONTINUE").all()
+    assert set(before["n_members"]) == {SEEDS}
+    assert set(before["decision"]) == {"CONTINUE", "FINAL"}  # passed every rung to max_t
 
     path = str(tmp_path / "ray" / "exp")
     results = tune.Tuner.restore(path, trainable, resume_unfinished=True).fit()

@@ -288,3 +288,45 @@ def test_a_group_is_judged_once_per_rung_when_all_live_members_reach_it(
     assert list(rows["milestone"]) == [1, 3] and list(rows["n_members"]) == [3, 2]
     assert rows.iloc[-1]["members"] == ["good_0", "good_2"]
     assert len(pht.ensemble_table(group_store)) == 3 * 4  # 3 evaluations x 4 metrics
+
+
+def test_a_retried_member_is_waited_for_and_one_failed_for_good_is_left_out(
+    group_store: PredictionStore,
+) -> None:
+    scheduler = PostHocASHA(
+        metric="val/swa+ens+ts/nll", mode="min", max_t=9, reduction_factor=3, store=group_store
+    )
+    scheduler.callback.setup()
+    tc = _Controller(scheduler)
+    good = [_member("good", s) for s in range(3)]
+    for trial in good:
+        scheduler.on_trial_add(tc, trial)
+    for epoch in (1, 2):
+        for trial in good:
+            scheduler.on_trial_result(tc, trial, _result(epoch))
+    for trial in good[:2]:
+        scheduler.on_trial_result(tc, trial, _result(3))
+
+    # good_2 dies in epoch 3 and Tune retries it: on_trial_error, then at once on_trial_add.
+    # Rung 3 waits for the resumed member instead of being judged on the two others.
+    scheduler.on_trial_error(tc, good[2])
+    scheduler.on_trial_add(tc, good[2])
+    assert list(scheduler.decisions["milestone"]) == [1]
+    scheduler.on_trial_result(tc, good[2], _result(3))
+    assert list(scheduler.decisions["n_members"]) == [3, 3]
+
+    # good_1 fails for good while the others finish: Tune's scheduler hook alone does not
+    # judge (it cannot tell a final failure from a retry); the callback's hook, called for
+    # final failures only, judges the max_t rung on the two others, which prunes nothing.
+    for trial in (good[0], good[2]):
+        for epoch in range(4, 10):
+            scheduler.on_trial_result(tc, trial, _result(epoch))
+        trial.status = Trial.TERMINATED
+        scheduler.on_trial_complete(tc, trial, _result(9))
+    scheduler.on_trial_error(tc, good[1])
+    assert list(scheduler.decisions["milestone"]) == [1, 3]
+    scheduler.callback.on_trial_error(0, [], good[1])
+    last = scheduler.decisions.iloc[-1]
+    assert (last["milestone"], last["n_members"], last["decision"]) == (9, 2, "FINAL")
+    assert last["members"] == ["good_0", "good_2"]
+    assert not scheduler.pruned_trials
