@@ -20,7 +20,6 @@ from typing import Any
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import ray
-import torch
 from ray import tune
 from ray.cluster_utils import Cluster
 
@@ -28,23 +27,16 @@ import posthoc_tune as pht
 from posthoc_tune._cluster import SHARED_STORAGE_ENV
 from tests import reference as ref
 
-N_IN, C, SEEDS, EPOCHS, CONFIGS = 8, 5, 2, 6, 3
+SEEDS, EPOCHS, CONFIGS = 2, 6, 3
 METRIC = "val/swa+ens+ts/nll"
 
 
 def train(config: dict[str, Any], out: str) -> None:
-    d = ref.linear_teacher(N_IN, C, {"": 300, "_val": 120, "_test": 100}, noise=2.0)
-    torch.manual_seed(config["seed"])
-    model = ref.bn_mlp(N_IN, C)
-    opt = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=0.9)
-    reporter = pht.PostHocReporter(
-        model, config, val=(d["x_val"], d["y_val"]), test=(d["x_test"], d["y_test"])
-    )
-    node = ray.get_runtime_context().get_node_id()
-    Path(out, f"{reporter.trial_id}.node").write_text(node)
-    for _ in range(reporter.epoch, EPOCHS):
-        ref.full_batch_step(model, opt, d["x"], d["y"])
-        reporter.step()
+    def record_node(reporter: pht.PostHocReporter) -> None:
+        node = ray.get_runtime_context().get_node_id()
+        Path(out, f"{reporter.trial_id}.node").write_text(node)
+
+    ref.teacher_trial(config, epochs=EPOCHS, rows=(300, 120, 100), on_start=record_node)
 
 
 def _node_resources(config: dict[Any, Any]) -> tune.PlacementGroupFactory:

@@ -6,13 +6,14 @@ Written from the definitions, not from the library's code paths.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from posthoc_tune import PredictionStore
+from posthoc_tune import PostHocReporter, PredictionStore
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -125,6 +126,49 @@ def full_batch_step(
     loss.backward()
     opt.step()
     return float(loss.item())
+
+
+TEACHER_IN, TEACHER_CLASSES = 8, 5
+
+
+def teacher_trial(
+    config: Mapping[str, Any],
+    *,
+    epochs: int,
+    rows: tuple[int, int, int] = (200, 80, 70),
+    seed_key: str = "seed",
+    checkpoint: bool = False,
+    on_start: Callable[[PostHocReporter], None] | None = None,
+    before_report: Callable[[int], None] | None = None,
+) -> None:
+    """The body of the real-Tune tests' trainables: deterministic full-batch training of
+    :func:`bn_mlp` on the :func:`linear_teacher` task (train/val/test ``rows``) at
+    ``config["lr"]`` (default 0.1) with the reporter, resuming from its checkpoint, so
+    retries and re-runs reproduce the same weights. ``on_start(reporter)`` runs once the
+    reporter exists and ``before_report(epoch)`` between each epoch's training step and the
+    reporter's step: where tests wait for siblings and inject faults."""
+    n_train, n_val, n_test = rows
+    d = linear_teacher(
+        TEACHER_IN, TEACHER_CLASSES, {"": n_train, "_val": n_val, "_test": n_test}, noise=2.0
+    )
+    torch.manual_seed(config[seed_key])
+    model = bn_mlp(TEACHER_IN, TEACHER_CLASSES)
+    opt = torch.optim.SGD(model.parameters(), lr=config.get("lr", 0.1), momentum=0.9)
+    reporter = PostHocReporter(
+        model,
+        config,
+        val=(d["x_val"], d["y_val"]),
+        test=(d["x_test"], d["y_test"]),
+        seed_key=seed_key,
+        checkpoint={"optimizer": opt} if checkpoint else None,
+    )
+    if on_start is not None:
+        on_start(reporter)
+    for epoch in range(reporter.epoch + 1, epochs + 1):
+        loss = full_batch_step(model, opt, d["x"], d["y"])
+        if before_report is not None:
+            before_report(epoch)
+        reporter.step({"train/loss": loss})
 
 
 def synthetic_store(

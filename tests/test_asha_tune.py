@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
@@ -73,18 +72,16 @@ def test_posthoc_asha_keeps_the_reversal_configuration_that_stock_asha_prunes(
 
 # -- seed groups with the reporter -------------------------------------------------------------
 
-N_IN, C, SEEDS, EPOCHS = 8, 5, 3, 9
+SEEDS, EPOCHS = 3, 9
 SEED_KEY = "_seed"  # sorts first, so Tune launches a configuration's seeds together
 GROUP_KEY = "val/swa+ens+ts/nll"
 
 
-def _data() -> dict[str, torch.Tensor]:
-    return ref.linear_teacher(N_IN, C, {"": 300, "_val": 120, "_test": 100}, noise=2.0)
-
-
-def _wait_for_siblings(store: PredictionStore, config: dict[str, Any]) -> None:
+def _wait_for_siblings(reporter: PostHocReporter, config: dict[str, Any]) -> None:
     """Start training only once every seed of the configuration has started: removes actor
     start-up skew, which in real runs is small next to an epoch."""
+    store = reporter.store
+    assert store is not None
     group = pht.group_key(config, SEED_KEY)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -96,28 +93,23 @@ def _wait_for_siblings(store: PredictionStore, config: dict[str, Any]) -> None:
 
 
 def train(config: dict[str, Any]) -> None:
-    """Deterministic full-batch training of a small BatchNorm MLP with the reporter."""
-    d = _data()
-    torch.manual_seed(config[SEED_KEY])
-    model = ref.bn_mlp(N_IN, C)
-    opt = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=0.9)
-    reporter = PostHocReporter(
-        model,
-        config,
-        val=(d["x_val"], d["y_val"]),
-        test=(d["x_test"], d["y_test"]),
-        seed_key=SEED_KEY,
-        checkpoint={"optimizer": opt},
-    )
-    assert reporter.store is not None
-    _wait_for_siblings(reporter.store, config)
-    fail_lr, fail_seed, fail_epoch = config.get("__fail", (None, None, None))
-    for epoch in range(reporter.epoch + 1, EPOCHS + 1):
-        if (config["lr"], config[SEED_KEY], epoch) == (fail_lr, fail_seed, fail_epoch):
+    """Deterministic training once every seed of the configuration has started;
+    ``__fail=(lr, seed, epoch)``: that member raises in that epoch."""
+
+    def fail(epoch: int) -> None:
+        if (config["lr"], config[SEED_KEY], epoch) == tuple(config.get("__fail", ())):
             raise RuntimeError("simulated member failure")
-        ref.full_batch_step(model, opt, d["x"], d["y"])
         time.sleep(0.02)
-        reporter.step()
+
+    ref.teacher_trial(
+        config,
+        epochs=EPOCHS,
+        rows=(300, 120, 100),
+        seed_key=SEED_KEY,
+        checkpoint=True,
+        on_start=lambda reporter: _wait_for_siblings(reporter, config),
+        before_report=fail,
+    )
 
 
 def _scheduler() -> PostHocASHA:

@@ -12,22 +12,17 @@ import optuna
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-import torch
 from ray import tune
 
 import posthoc_tune as pht
-from posthoc_tune import PostHocASHA, PostHocReporter, PredictionStore
+from posthoc_tune import PostHocASHA, PredictionStore
 from tests import reference as ref
 from tests.interrupt import Interrupt
 
 pytestmark = pytest.mark.slow
 
-N_IN, C, SEEDS, EPOCHS, KILL_EPOCH = 8, 5, 2, 5, 3
+SEEDS, EPOCHS, KILL_EPOCH = 2, 5, 3
 GROUP_KEY = "val/swa+ens+ts/nll"
-
-
-def _data() -> dict[str, torch.Tensor]:
-    return ref.linear_teacher(N_IN, C, {"": 200, "_val": 80, "_test": 70}, noise=2.0)
 
 
 def _die_after_first_row_group() -> None:
@@ -43,30 +38,16 @@ def _die_after_first_row_group() -> None:
 
 
 def train(config: dict[str, Any]) -> None:
-    """Deterministic full-batch training; with ``kill``, seed 1 dies once in epoch 3."""
-    d = _data()
-    torch.manual_seed(config["seed"])
-    model = ref.bn_mlp(N_IN, C)
-    opt = torch.optim.SGD(model.parameters(), lr=config.get("lr", 0.1), momentum=0.9)
-    reporter = PostHocReporter(
-        model,
-        config,
-        val=(d["x_val"], d["y_val"]),
-        test=(d["x_test"], d["y_test"]),
-        checkpoint={"optimizer": opt},
-    )
+    """Deterministic training; with ``kill``, seed 1 dies once in epoch 3, in the write."""
     marker = Path(config.get("marker", "/nonexistent"))
-    for epoch in range(reporter.epoch + 1, EPOCHS + 1):
-        ref.full_batch_step(model, opt, d["x"], d["y"])
-        if (
-            config.get("kill")
-            and config["seed"] == 1
-            and epoch == KILL_EPOCH
-            and not marker.exists()
-        ):
+
+    def kill_once(epoch: int) -> None:
+        killed = config.get("kill") and config["seed"] == 1 and epoch == KILL_EPOCH
+        if killed and not marker.exists():
             marker.touch()
             _die_after_first_row_group()
-        reporter.step()
+
+    ref.teacher_trial(config, epochs=EPOCHS, checkpoint=True, before_report=kill_once)
 
 
 def test_a_worker_killed_mid_write_resumes_and_its_group_uses_the_resumed_member(

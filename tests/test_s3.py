@@ -296,32 +296,25 @@ def test_an_unreachable_s3_endpoint_fails_at_once_naming_the_location() -> None:
 
 # -- a real Tune run with S3 storage ------------------------------------------------------------
 
-N_IN, TUNE_C, TUNE_EPOCHS, TUNE_SEEDS = 8, 5, 3, 2
+TUNE_EPOCHS, TUNE_SEEDS = 3, 2
 SEED_KEY = "_seed"
 GROUP_KEY = "val/swa+ens+ts/nll"
 
 
 def _data() -> dict[str, torch.Tensor]:
-    return ref.linear_teacher(N_IN, TUNE_C, {"": 200, "_val": 80, "_test": 70}, noise=2.0)
+    """The rows ``ref.teacher_trial`` trains and evaluates on."""
+    return ref.linear_teacher(
+        ref.TEACHER_IN, ref.TEACHER_CLASSES, {"": 200, "_val": 80, "_test": 70}, noise=2.0
+    )
+
+
+def _on_s3(reporter: PostHocReporter) -> None:
+    assert reporter.store is not None and reporter.store.filesystem.type_name == "s3"
 
 
 def train(config: dict[str, Any]) -> None:
-    """Deterministic full-batch training with the reporter; the store is Tune's storage."""
-    d = _data()
-    torch.manual_seed(config[SEED_KEY])
-    model = ref.bn_mlp(N_IN, TUNE_C)
-    opt = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=0.9)
-    reporter = PostHocReporter(
-        model,
-        config,
-        val=(d["x_val"], d["y_val"]),
-        test=(d["x_test"], d["y_test"]),
-        seed_key=SEED_KEY,
-    )
-    assert reporter.store is not None and reporter.store.filesystem.type_name == "s3"
-    for _ in range(TUNE_EPOCHS):
-        ref.full_batch_step(model, opt, d["x"], d["y"])
-        reporter.step()
+    """Deterministic training with the reporter; the store is Tune's storage, on S3."""
+    ref.teacher_trial(config, epochs=TUNE_EPOCHS, seed_key=SEED_KEY, on_start=_on_s3)
 
 
 @pytest.mark.slow

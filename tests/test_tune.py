@@ -8,44 +8,31 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 import posthoc_tune as pht
-from posthoc_tune import PostHocReporter, PredictionStore
+from posthoc_tune import PredictionStore
 from tests import reference as ref
 
 pytestmark = pytest.mark.slow
 
-N_IN, C = 8, 5
-
-
-def _data() -> dict[str, torch.Tensor]:
-    return ref.linear_teacher(N_IN, C, {"": 200, "_val": 80, "_test": 70}, noise=2.0)
-
 
 def train(config: dict[str, Any]) -> None:
-    """Deterministic full-batch training: a retried run reproduces the same weights."""
-    d = _data()
-    torch.manual_seed(config["seed"])
-    model = ref.bn_mlp(N_IN, C)
-    opt = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=0.9)
-    reporter = PostHocReporter(
-        model,
-        config,
-        val=(d["x_val"], d["y_val"]),
-        test=(d["x_test"], d["y_test"]),
-        checkpoint={"optimizer": opt} if config.get("checkpoint") else None,
-    )
-    fail_at = config.get("fail_at")
-    for epoch in range(reporter.epoch + 1, config["epochs"] + 1):
-        loss = ref.full_batch_step(model, opt, d["x"], d["y"])
-        marker = Path(config.get("marker", "/nonexistent"))
-        if epoch == fail_at and not marker.exists():
+    """Deterministic training; ``fail_at``: raise once, after that epoch's training step."""
+    marker = Path(config.get("marker", "/nonexistent"))
+
+    def fail_once(epoch: int) -> None:
+        if epoch == config.get("fail_at") and not marker.exists():
             marker.touch()
             raise RuntimeError("simulated worker failure")
-        reporter.step({"train/loss": loss})
+
+    ref.teacher_trial(
+        config,
+        epochs=config["epochs"],
+        checkpoint=bool(config.get("checkpoint")),
+        before_report=fail_once,
+    )
 
 
 def _result_rows(result: tune.Result) -> list[dict[str, Any]]:
