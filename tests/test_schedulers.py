@@ -241,18 +241,26 @@ def _result(epoch: int) -> dict[str, Any]:
     return {"training_iteration": epoch, "epoch": epoch, "val/swa+ens+ts/nll": math.nan}
 
 
-def test_a_group_is_judged_once_per_rung_when_all_live_members_reach_it(
-    group_store: PredictionStore,
-) -> None:
+def _scheduled(
+    store: PredictionStore, *configs: str
+) -> tuple[PostHocASHA, _Controller, list[list[Trial]]]:
+    """PostHocASHA on the group key over ``group_store`` (rungs 1, 3, 9), with the 3 seeds
+    of each configuration added as running trials."""
     scheduler = PostHocASHA(
-        metric="val/swa+ens+ts/nll", mode="min", max_t=9, reduction_factor=3, store=group_store
+        metric="val/swa+ens+ts/nll", mode="min", max_t=9, reduction_factor=3, store=store
     )
     scheduler.callback.setup()
     tc = _Controller(scheduler)
-    good = [_member("good", s) for s in range(3)]
-    bad = [_member("bad", s) for s in range(3)]
-    for trial in good + bad:
+    groups = [[_member(config, s) for s in range(3)] for config in configs]
+    for trial in (t for group in groups for t in group):
         scheduler.on_trial_add(tc, trial)
+    return scheduler, tc, groups
+
+
+def test_a_group_is_judged_once_per_rung_when_all_live_members_reach_it(
+    group_store: PredictionStore,
+) -> None:
+    scheduler, tc, (good, bad) = _scheduled(group_store, "good", "bad")
 
     # good_0 and good_1 run ahead to epoch 3: no judgement until good_2 reaches rung 1.
     for epoch in (1, 2, 3):
@@ -293,14 +301,7 @@ def test_a_group_is_judged_once_per_rung_when_all_live_members_reach_it(
 def test_a_retried_member_is_waited_for_and_one_failed_for_good_is_left_out(
     group_store: PredictionStore,
 ) -> None:
-    scheduler = PostHocASHA(
-        metric="val/swa+ens+ts/nll", mode="min", max_t=9, reduction_factor=3, store=group_store
-    )
-    scheduler.callback.setup()
-    tc = _Controller(scheduler)
-    good = [_member("good", s) for s in range(3)]
-    for trial in good:
-        scheduler.on_trial_add(tc, trial)
+    scheduler, tc, (good,) = _scheduled(group_store, "good")
     for epoch in (1, 2):
         for trial in good:
             scheduler.on_trial_result(tc, trial, _result(epoch))
