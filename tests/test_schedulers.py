@@ -244,7 +244,7 @@ def _result(epoch: int) -> dict[str, Any]:
 def _scheduled(
     store: PredictionStore, *configs: str
 ) -> tuple[PostHocASHA, _Controller, list[list[Trial]]]:
-    """PostHocASHA on the group key over ``group_store`` (rungs 1, 3, 9), with the 3 seeds
+    """PostHocASHA on the group key over ``store`` (rungs 1, 3, 9), with the 3 seeds
     of each configuration added as running trials."""
     scheduler = PostHocASHA(
         metric="val/swa+ens+ts/nll", mode="min", max_t=9, reduction_factor=3, store=store
