@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from ray import tune
 
-from posthoc_tune._arrays import ArrayLike, to_numpy
+from posthoc_tune._arrays import ArrayLike, integer_tensor, to_numpy
 from posthoc_tune._cluster import check_shared_storage
 from posthoc_tune.keys import VARIANTS, metric_keys
 from posthoc_tune.metrics import evaluate
@@ -56,15 +56,15 @@ class _EvalSplit:
         self._loader: Iterable[Any] | None = None
         if isinstance(spec, (tuple, list)) and len(spec) == 2 and callable(spec[0]):
             self._predict = spec[0]
-            self._labels = to_numpy(spec[1], np.int64)
+            self._labels = self._checked_labels(spec[1])
         elif isinstance(spec, (tuple, list)) and len(spec) == 2:
-            x, y = (torch.as_tensor(v) for v in spec)
+            x, y = torch.as_tensor(spec[0]), self._checked_labels(spec[1])
             if x.shape[0] != y.shape[0]:
                 raise ValueError(
                     f"{split} inputs have {x.shape[0]} rows but {split} labels have {y.shape[0]}"
                 )
-            self._tensors = (x, y)
-            self._labels = to_numpy(y, np.int64)
+            self._tensors = (x, torch.from_numpy(y))
+            self._labels = y
         elif isinstance(spec, Iterable) and not isinstance(spec, (str, bytes, Mapping)):
             self._loader = spec
         else:
@@ -77,6 +77,13 @@ class _EvalSplit:
             raise ValueError(
                 f"{split} labels must be a non-empty 1-D array, got shape {self._labels.shape}"
             )
+
+    def _checked_labels(self, labels: Any) -> np.ndarray:
+        """Integer class labels as int64; a float, bool or object dtype is refused (a cast
+        would silently turn 9.5 into 9 and every metric would be wrong)."""
+        if not isinstance(labels, (np.ndarray, torch.Tensor)):
+            labels = np.asarray(labels)
+        return integer_tensor(labels, f"{self.split} labels").numpy().astype(np.int64)
 
     def inputs(self) -> Iterable[Any] | None:
         """Model inputs for re-estimating BatchNorm statistics (None for ``predict`` splits)."""
@@ -94,10 +101,10 @@ class _EvalSplit:
         device = next(iter(model.parameters()), torch.empty(0)).device
         outs, ys = [], []
         for x, y in self._batches():
-            outs.append(model(x.to(device)).detach().to("cpu", torch.float32))
-            ys.append(torch.as_tensor(y))
+            outs.append(self._logits(model(x.to(device))).detach().to("cpu", torch.float32))
+            ys.append(self._checked_labels(y))
         logits = torch.cat(outs).numpy()
-        labels = torch.cat(ys).numpy().astype(np.int64)
+        labels = np.concatenate(ys)
         if self._labels is None:
             self._labels = labels
         elif not np.array_equal(self._labels, labels):
@@ -106,6 +113,21 @@ class _EvalSplit:
                 f"evaluation loaders must not shuffle (use shuffle=False)"
             )
         return logits, labels
+
+    def _logits(self, output: Any) -> torch.Tensor:
+        """The logits of a model's output: a tensor, or the ``logits`` of an output object
+        (e.g. a Hugging Face ``ModelOutput``) or dict."""
+        if isinstance(output, torch.Tensor):
+            return output
+        logits = output.get("logits") if isinstance(output, Mapping) else None
+        logits = getattr(output, "logits", logits)
+        if isinstance(logits, torch.Tensor):
+            return logits
+        raise TypeError(
+            f"the model returned a {type(output).__name__} on the {self.split} inputs, not a "
+            f"logits tensor nor an object with a .logits tensor; pass {self.split}="
+            f"(predict, labels) with predict(model, {self.split!r}) -> logits"
+        )
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, Any]]:
         if self._tensors is not None:

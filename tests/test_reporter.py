@@ -201,6 +201,62 @@ def test_bad_inputs_get_clear_errors() -> None:
         _reporter(_model(), d, checkpoint_every=0)
 
 
+NON_INTEGER_LABELS = {
+    "float32 + 0.5": lambda y: y.float() + 0.5,
+    "float64": lambda y: y.double(),
+    "bool": lambda y: y > 1,
+    "numpy object": lambda y: y.numpy().astype(object),
+    "numpy float16": lambda y: y.numpy().astype(np.float16),
+}
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+@pytest.mark.parametrize("form", ["tensors", "predict", "loader"])
+@pytest.mark.parametrize("kind", list(NON_INTEGER_LABELS))
+def test_non_integer_labels_are_refused_naming_split_and_dtype(
+    split: str, form: str, kind: str
+) -> None:
+    d = _data()
+    y = NON_INTEGER_LABELS[kind](d[f"y_{split}"])
+    x = d[f"x_{split}"]
+    dtype = str(torch.as_tensor(y).dtype if not isinstance(y, np.ndarray) else y.dtype)
+    spec: Any = {
+        "tensors": (x, y),
+        "predict": (lambda m, s: m(x), y),
+        "loader": [(x[:20], y[:20]), (x[20:40], y[20:40]), (x[40:], y[40:])],
+    }[form]
+    splits = {"val": (d["x_val"], d["y_val"]), "test": (d["x_test"], d["y_test"]), split: spec}
+    message = f"{split} labels must (be a numeric array|have an integer dtype).*{dtype}"
+    with pytest.raises(TypeError, match=message):
+        PostHocReporter(_model(), {"seed": 0}, **splits).step()
+
+
+class _Output:
+    """What a Hugging Face model returns: an output object with a ``logits`` tensor."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.logits = logits
+
+
+class _OutputModel(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module, wrap: Any) -> None:
+        super().__init__()
+        self.inner, self.wrap = inner, wrap
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.wrap(self.inner(x))
+
+
+def test_models_returning_output_objects_are_evaluated_on_their_logits() -> None:
+    d = _data()
+    plain = _reporter(_model(), d).step()
+    for wrap in (_Output, lambda z: {"logits": z, "loss": None}):
+        wrapped = _reporter(_OutputModel(_model(), wrap), d).step()
+        assert wrapped == pytest.approx(plain, nan_ok=True)
+    with pytest.raises(TypeError, match="returned a tuple on the val inputs.*val=\\(predict"):
+        _reporter(_OutputModel(_model(), lambda z: (z, z)), d).step()
+
+
 def test_a_shuffling_val_loader_is_rejected() -> None:
     d = _data()
     loader = torch.utils.data.DataLoader(

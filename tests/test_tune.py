@@ -119,3 +119,18 @@ def test_a_retried_trial_resumes_its_swa_average_exactly(run_tune: Any, tmp_path
                 store.read(by_fail[3], epoch, "test", variant),
                 store.read(by_fail[None], epoch, "test", variant),
             )
+
+
+def float_labels(config: dict[str, Any]) -> None:
+    d = ref.linear_teacher(ref.TEACHER_IN, ref.TEACHER_CLASSES, {"_val": 40}, noise=1.0)
+    model = ref.bn_mlp(ref.TEACHER_IN, ref.TEACHER_CLASSES)
+    reporter = pht.PostHocReporter(model, config, val=(d["x_val"], d["y_val"].float() + 0.5))
+    reporter.step()
+
+
+def test_float_labels_fail_the_trial_with_the_split_and_dtype_named(run_tune: Any) -> None:
+    results = run_tune(float_labels, {"seed": 0}, name="float_labels")
+    assert len(results.errors) == 1
+    assert "val labels must have an integer dtype, got torch.float32" in str(results.errors[0])
+    # Nothing was stored: the refusal comes before the first write.
+    assert not PredictionStore.open(results.experiment_path).trials()
