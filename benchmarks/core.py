@@ -7,7 +7,8 @@ For 10,000 val + 10,000 test rows at C = 10 and C = 100:
     model over val and test, plus SWA's BatchNorm pass), for a CIFAR-shaped CNN and an MLP
     (target <= 10% of those passes).
 
-Run: .venv/bin/python benchmarks/core.py   (prints markdown tables; times are medians)
+Run: .venv/bin/python benchmarks/core.py [ts] [store] [reporter]   (prints markdown tables;
+times are medians; all three sections when none is named)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import functools
 import itertools
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -186,8 +188,9 @@ def bench_reporter(epochs: int = 3) -> None:
             print(f"| {name} | {c} | {fwd:.3f} | {extra:.3f} | {extra / fwd:.1%} |")
 
 
+SECTIONS = {"ts": bench_ts, "store": bench_store, "reporter": bench_reporter}
+
 if __name__ == "__main__":
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    bench_ts()
-    bench_store()
-    bench_reporter()
+    for section in sys.argv[1:] or SECTIONS:
+        SECTIONS[section]()

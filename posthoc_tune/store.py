@@ -8,7 +8,8 @@ path, ``s3://...``, GCS, HDFS, or a ``SubTreeFileSystem``. Layout and schema are
 Guarantees: one file per (trial, epoch); each file is published atomically (written under a
 hidden temporary name, then moved; object stores publish on close), so readers never see a
 partial file and a retried epoch replaces the old file instead of duplicating it. Nothing is
-unpickled: data is Parquet, metadata JSON.
+unpickled: data is Parquet, metadata JSON. A stored file that cannot be read raises
+:class:`StoreError` naming it (and its trial, epoch or split); reads never delete anything.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from posthoc_tune.keys import SPLITS, VARIANTS, check_name
 
 FORMAT_VERSION = 1
 STORE_DIR = "posthoc"
+_CLASSES_FILE = "classes.json"
 _EPOCH_FILE = re.compile(r"^epoch_(\d{6})\.parquet$")
 _META_FILE = re.compile(r"^([^.].*)\.json$")
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")  # used with fullmatch
@@ -42,6 +44,9 @@ _TMP = ".tmp-"  # in the names of files being written: ".<name>.tmp-<uuid>"
 _ATOMIC_PUT = {"s3", "gcs", "abfs"}  # filesystems whose uploads become visible only on close
 
 _TEMPERATURES = b"posthoc_tune.temperatures"
+# Errors of a stored file that exists but does not read as this format (truncated, corrupt,
+# foreign, or a failing disk or connection).
+_READ_ERRORS = (pa.ArrowException, OSError, ValueError, KeyError)
 
 Dtype = Literal["float32", "float16"]
 PartKey = tuple[str, str]  # (split, variant)
@@ -77,6 +82,7 @@ class PredictionStore:
         self.root = posixpath.join(self.experiment_path, STORE_DIR)
         self.dtype: Dtype = dtype
         self._labels: dict[str, np.ndarray] = {}
+        self._n_classes: int | None = None  # the store's class count, once read or written
         self._atomic_put = _base_type_name(filesystem) in _ATOMIC_PUT
         self.is_local = _base_type_name(filesystem) == "local"
 
@@ -87,10 +93,15 @@ class PredictionStore:
         *,
         filesystem: pafs.FileSystem | None = None,
         dtype: Dtype = "float32",
+        must_exist: bool = False,
     ) -> PredictionStore:
         """Open an experiment's store, given a local path, a URI, or a path on ``filesystem``.
 
-        Raises :class:`StoreError` naming the location when it cannot be reached.
+        ``experiment`` is the experiment folder (Tune's ``storage_path/name``) or its
+        ``posthoc/`` folder. Writers may open a path that does not exist yet (the first write
+        creates it); readers pass ``must_exist=True``, so that a wrong path raises a
+        :class:`StoreError` naming it instead of reading as an empty store. Raises
+        :class:`StoreError` naming the location when it cannot be reached.
         """
         path = os.fspath(experiment)
         try:
@@ -98,10 +109,30 @@ class PredictionStore:
                 if "://" not in path:
                     path = os.path.abspath(os.path.expanduser(path))
                 filesystem, path = pafs.FileSystem.from_uri(path)
+            path = path.rstrip("/")
             filesystem.get_file_info(path)
+            if posixpath.basename(path) == STORE_DIR and not _exists(
+                filesystem, posixpath.join(path, STORE_DIR)
+            ):
+                path = posixpath.dirname(path)  # the store folder itself, not an experiment
         except Exception as err:
             raise StoreError(f"cannot reach the prediction store at {experiment!r}: {err}") from err
-        return cls(filesystem, path, dtype=dtype)
+        store = cls(filesystem, path, dtype=dtype)
+        if must_exist:
+            store._check_exists()
+        return store
+
+    def _check_exists(self) -> None:
+        """Tell a wrong path (missing, or a folder without a store) from an empty store."""
+        if self._exists(self.root):
+            return
+        if not self._exists(self.experiment_path):
+            raise StoreError(f"no experiment at {self.experiment_path!r}: the path does not exist")
+        raise StoreError(
+            f"{self.experiment_path!r} holds no prediction store (no {STORE_DIR}/ folder): "
+            "expected the folder of an experiment (Tune's storage_path/name) whose trials "
+            "reported through PostHocReporter"
+        )
 
     # -- labels -----------------------------------------------------------------------------
 
@@ -143,8 +174,11 @@ class PredictionStore:
             path = self._labels_path(split)
             if not self._exists(path):
                 return None
-            table = pq.read_table(path, filesystem=self.filesystem)
-            self._labels[split] = table.column("label").to_numpy().astype(np.int64)
+            try:
+                table = pq.read_table(path, filesystem=self.filesystem)
+                self._labels[split] = table.column("label").to_numpy().astype(np.int64)
+            except _READ_ERRORS as err:
+                raise _unreadable(f"the {split} labels", path, err) from err
         return self._labels[split]
 
     # -- metadata ---------------------------------------------------------------------------
@@ -168,11 +202,14 @@ class PredictionStore:
     def metadata(self, trial_id: str) -> dict[str, Any]:
         """A trial's metadata: trial_id, group, seed_key, seed, config, format_version."""
         _check_id(trial_id)
+        path = self._meta_path(trial_id)
         try:
-            with self.filesystem.open_input_stream(self._meta_path(trial_id)) as f:
+            with self.filesystem.open_input_stream(path) as f:
                 return dict(json.loads(f.read()))
         except FileNotFoundError:
             raise KeyError(f"no metadata for trial {trial_id!r} in {self.root!r}") from None
+        except (OSError, ValueError, TypeError) as err:
+            raise _unreadable(f"the metadata of trial {trial_id!r}", path, err) from err
 
     # -- logits -----------------------------------------------------------------------------
 
@@ -186,7 +223,8 @@ class PredictionStore:
         """Write all of one epoch's logits as one file, replacing any earlier file for the epoch.
 
         ``logits`` maps ``(split, variant)`` to an (N, C) array; N must match the split's
-        stored labels when they exist, and every part must have the same C. ``temperatures``
+        stored labels when they exist, and C the store's class count (recorded by the first
+        epoch written to the store: ensembles combine trials class by class). ``temperatures``
         maps a variant to the temperature fit on its val logits this epoch; stored in the
         file's metadata so ensembles on the driver need not refit each member.
         """
@@ -227,6 +265,8 @@ class PredictionStore:
                         f"temperature of {variant!r} must be finite and > 0, got {t!r}"
                     )
             metadata[_TEMPERATURES] = json.dumps({v: float(t) for v, t in temperatures.items()})
+        assert n_classes is not None  # logits is not empty
+        self._check_classes(trial_id, epoch, n_classes)
         self._write_parquet(
             self._epoch_path(trial_id, epoch),
             self._epoch_table(trial_id, epoch, parts),
@@ -252,13 +292,16 @@ class PredictionStore:
         """The val-fitted temperatures recorded with an epoch, by variant (may be empty)."""
         _check_id(trial_id)
         _check_epoch(epoch)
+        path = self._epoch_path(trial_id, epoch)
         try:
-            schema = pq.read_schema(self._epoch_path(trial_id, epoch), filesystem=self.filesystem)
+            schema = pq.read_schema(path, filesystem=self.filesystem)
+            recorded = json.loads((schema.metadata or {}).get(_TEMPERATURES, b"{}"))
         except FileNotFoundError:
             raise KeyError(
                 f"trial {trial_id!r} has no stored epoch {epoch} in {self.root!r}"
             ) from None
-        recorded = json.loads((schema.metadata or {}).get(_TEMPERATURES, b"{}"))
+        except _READ_ERRORS as err:
+            raise _unreadable(f"epoch {epoch} of trial {trial_id!r}", path, err) from err
         return {str(k): float(v) for k, v in recorded.items()}
 
     def read_epoch(self, trial_id: str, epoch: int) -> dict[PartKey, np.ndarray]:
@@ -291,7 +334,8 @@ class PredictionStore:
         return parts[(split, variant)]
 
     def trials(self) -> list[str]:
-        """Ids of the trials with metadata or logits in the store, sorted."""
+        """Ids of the trials with metadata or logits in the store, sorted (none when the store
+        does not exist: see ``must_exist`` in :meth:`open`)."""
         with_logits = {
             i.base_name
             for i in self._list(posixpath.join(self.root, "logits"))
@@ -377,10 +421,39 @@ class PredictionStore:
         ]
         if not files:
             return None
-        tables = [pq.read_table(f, filesystem=self.filesystem) for f in sorted(files)]
+        tables = []
+        for path in sorted(files):
+            try:
+                tables.append(pq.read_table(path, filesystem=self.filesystem))
+            except _READ_ERRORS as err:
+                raise _unreadable("ensemble values", path, err) from err
         return pa.concat_tables(tables).replace_schema_metadata(None)
 
+    # -- scored curves of a compacted configuration -----------------------------------------
+
+    def write_scores(self, group: str, table: pa.Table) -> None:
+        """Publish a configuration's scored curves as ``scores/<group>.parquet`` (written by
+        :func:`posthoc_tune.retention.compact` before it deletes logits, so that tables and
+        plots keep every epoch's values)."""
+        _check_id(group)
+        self._write_parquet(self._scores_path(group), table, dict(table.schema.metadata or {}))
+
+    def scores(self, group: str) -> pa.Table | None:
+        """A configuration's scored curves (with the file's schema metadata), or None when
+        it was never compacted."""
+        _check_id(group)
+        path = self._scores_path(group)
+        try:
+            return pq.read_table(path, filesystem=self.filesystem)
+        except FileNotFoundError:
+            return None
+        except _READ_ERRORS as err:
+            raise _unreadable(f"the scored curves of configuration {group!r}", path, err) from err
+
     # -- internals --------------------------------------------------------------------------
+
+    def _scores_path(self, group: str) -> str:
+        return posixpath.join(self.root, "scores", f"{group}.parquet")
 
     def _logits_dir(self, trial_id: str) -> str:
         return posixpath.join(self.root, "logits", trial_id)
@@ -394,8 +467,29 @@ class PredictionStore:
     def _labels_path(self, split: str) -> str:
         return posixpath.join(self.root, "labels", f"{split}.parquet")
 
+    def _check_classes(self, trial_id: str, epoch: int, n_classes: int) -> None:
+        """Refuse logits whose class count differs from the store's, recording it on the
+        store's first write; read once per instance, so later writes cost nothing."""
+        path = posixpath.join(self.root, _CLASSES_FILE)
+        if self._n_classes is None:
+            try:
+                with self.filesystem.open_input_stream(path) as f:
+                    self._n_classes = int(json.loads(f.read())["n_classes"])
+            except FileNotFoundError:
+                data = json.dumps({"n_classes": n_classes}).encode()
+                self._publish(path, _write_bytes(data))
+                self._n_classes = n_classes
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise _unreadable("the class count", path, err) from err
+        if n_classes != self._n_classes:
+            raise ValueError(
+                f"trial {trial_id!r} epoch {epoch}: logits with {n_classes} classes, but the "
+                f"store records {self._n_classes} ({path!r}, from its first epoch written): "
+                "all trials of an experiment must predict the same classes"
+            )
+
     def _exists(self, path: str) -> bool:
-        return bool(self.filesystem.get_file_info(path).type != pafs.FileType.NotFound)
+        return _exists(self.filesystem, path)
 
     def _list(self, directory: str) -> list[pafs.FileInfo]:
         selector = pafs.FileSelector(directory, allow_not_found=True)
@@ -430,7 +524,7 @@ class PredictionStore:
         self,
         path: str,
         tables: pa.Table | list[pa.Table],
-        metadata: Mapping[bytes, str] | None = None,
+        metadata: Mapping[bytes, str | bytes] | None = None,
     ) -> None:
         """Write tables (one row group each) with LZ4, published atomically."""
         tables = tables if isinstance(tables, list) else [tables]
@@ -438,21 +532,15 @@ class PredictionStore:
             {b"posthoc_tune.format_version": str(FORMAT_VERSION), **(metadata or {})}
         )
 
-        # Dictionary-encoding float logits only bloats the file. LZ4 rather than zstd over
-        # byte-stream-split: files ~8% larger, but writes and reads several times faster
-        # (before/after in benchmarks/RESULTS.md); the driver reads on its hot path.
+        # Logits are PLAIN-encoded: dictionary encoding only bloats float logits, and
+        # BYTE_STREAM_SPLIT (column "logits.list.element") makes float32 files ~8% smaller but
+        # reads up to ~20% slower; the driver reads on its hot path. LZ4 rather than zstd:
+        # files ~9% larger, writes and reads several times faster (benchmarks/RESULTS.md).
         dictionary = [f.name for f in schema if pa.types.is_dictionary(f.type)]
-        encoding = {
-            f.name: "BYTE_STREAM_SPLIT" for f in schema if pa.types.is_fixed_size_list(f.type)
-        }
 
         def write(sink: Any) -> None:
             with pq.ParquetWriter(
-                sink,
-                schema,
-                compression="lz4",
-                use_dictionary=dictionary,
-                column_encoding=encoding or None,
+                sink, schema, compression="lz4", use_dictionary=dictionary
             ) as writer:
                 for t in tables:
                     writer.write_table(t.cast(schema))
@@ -517,6 +605,8 @@ class PredictionStore:
             raise KeyError(
                 f"trial {trial_id!r} has no stored epoch {epoch} in {self.root!r}"
             ) from None
+        except _READ_ERRORS as err:
+            raise _unreadable(f"epoch {epoch} of trial {trial_id!r}", path, err) from err
         parts = {
             k: _logits_to_numpy(pa.chunked_array([a for c in cs for a in c.chunks]))
             for k, cs in chunks.items()
@@ -567,6 +657,16 @@ def _logits_to_numpy(column: pa.ChunkedArray) -> np.ndarray:
     arr = column.combine_chunks()
     width = arr.type.list_size
     return arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, width)
+
+
+def _exists(fs: pafs.FileSystem, path: str) -> bool:
+    return bool(fs.get_file_info(path).type != pafs.FileType.NotFound)
+
+
+def _unreadable(what: str, path: str, err: BaseException) -> StoreError:
+    """A one-line error (the CLI prints it as is) naming a stored file that does not read."""
+    detail = " ".join(str(err).split()) or type(err).__name__
+    return StoreError(f"cannot read {what} from {path!r}: {detail}")
 
 
 def _base_type_name(fs: pafs.FileSystem) -> str:

@@ -14,7 +14,7 @@ Documented behaviours asserted here (see the module docstrings):
 * combine: a member with a NaN or +-inf logit makes the affected rows of the ensemble
   non-finite, so the ensemble's metrics are NaN like the member's.
 * Bracket (ASHA rungs): a NaN score stops whenever the rung holds a finite value; the cutoff
-  ignores NaN values. ``selection.argbest`` ignores non-finite values.
+  ignores NaN values. ``curves.argbest`` ignores non-finite values.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from hypothesis.extra import numpy as hnp
 
 from posthoc_tune import PredictionStore, TemperatureScaler, apply_transform, combine, metrics
 from posthoc_tune._rungs import Bracket
-from posthoc_tune.selection import argbest
+from posthoc_tune.curves import argbest
 from tests import reference as ref
 
 PROPERTY = settings(
@@ -621,7 +621,7 @@ def test_float32_store_round_trip_is_bit_exact(
 ) -> None:
     """Any float32 logits (NaN, +-inf, -0.0, subnormals, extremes) read back bit for bit, from
     every read path, as float32."""
-    store = PredictionStore.open(store_root / "f32")
+    store = _fresh(store_root)
     trial = f"t{next(_counter)}"
     store.write_epoch(trial, epoch, parts)
     assert store.epochs(trial) == [epoch]
@@ -647,7 +647,7 @@ def test_float16_store_rounds_and_overflows_as_documented(
     relative 2**-11, absolute 2**-25 below the normal range); magnitudes from 65520 on (those
     that round beyond the float16 maximum 65504) become +-inf of the same sign; NaN stays
     NaN."""
-    store = PredictionStore.open(store_root / "f16", dtype="float16")
+    store = PredictionStore.open(store_root / f"f16_{next(_counter)}", dtype="float16")
     trial = f"t{next(_counter)}"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # numpy's overflow-in-cast

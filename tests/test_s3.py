@@ -177,7 +177,7 @@ def test_a_store_on_s3_reads_back_exactly_what_was_written(
     ]
     names = sorted(f.removeprefix(store.root + "/") for f in files)
     expected = sorted(
-        ["labels/val.parquet", "labels/test.parquet"]
+        ["classes.json", "labels/val.parquet", "labels/test.parquet"]
         + [f"meta/{t}.json" for t in written.configs]
         + [f"logits/{t}/epoch_{e:06d}.parquet" for t, e in written.epochs]
     )
@@ -254,7 +254,8 @@ def test_a_write_that_fails_midway_publishes_nothing_on_s3(
     for key, arr in good.items():
         np.testing.assert_array_equal(stored[key], arr)
     listed = s3.fs.get_file_info(pafs.FileSelector(store.root, recursive=True))
-    assert [i.base_name for i in listed if i.type == pafs.FileType.File] == ["epoch_000001.parquet"]
+    files = [i.base_name for i in listed if i.type == pafs.FileType.File]
+    assert files == ["classes.json", "epoch_000001.parquet"]
 
 
 def test_tables_from_the_s3_store_equal_those_from_a_local_copy(

@@ -178,6 +178,29 @@ def test_plain_pyarrow_reads_the_store_as_documented(store: PredictionStore) -> 
     assert str(schema.field("logits").type) == "fixed_size_list<element: float not null>[7]"
 
 
+def test_the_files_hold_the_encoding_docs_store_md_states(store: PredictionStore) -> None:
+    """PLAIN logits and LZ4 everywhere, as documented; a file that another writer encoded with
+    BYTE_STREAM_SPLIT (the encoding is per file) reads the same."""
+    parts = _epoch(np.random.default_rng(10))
+    store.write_epoch("t", 1, parts)
+    path = Path(store.root, "logits", "t", "epoch_000001.parquet")
+    meta = pq.ParquetFile(path).metadata
+    for i in range(meta.num_row_groups):
+        columns = [meta.row_group(i).column(j) for j in range(meta.num_columns)]
+        assert {c.compression for c in columns} == {"LZ4"}
+        (logits,) = [c for c in columns if c.path_in_schema == "logits.list.element"]
+        assert set(logits.encodings) == {"RLE", "PLAIN"}  # RLE: the list's levels
+    doc = " ".join((Path(__file__).parents[1] / "docs" / "store.md").read_text().split())
+    assert "the logits (leaf column `logits.list.element`) are PLAIN-encoded" in doc
+
+    bss = {"logits.list.element": "BYTE_STREAM_SPLIT"}
+    pq.write_table(pq.read_table(path), path, use_dictionary=False, column_encoding=bss)
+    encodings = pq.ParquetFile(path).metadata.row_group(0).column(5).encodings
+    assert "BYTE_STREAM_SPLIT" in encodings
+    for key, logits in store.read_epoch("t", 1).items():
+        np.testing.assert_array_equal(logits, parts[key])
+
+
 def test_an_epoch_file_written_by_another_tool_reads_the_same(store: PredictionStore) -> None:
     """Parts in any row-group arrangement (here: one row group, rows interleaved) read back
     like the store's own one-part-per-row-group files."""
