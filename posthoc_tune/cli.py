@@ -1,4 +1,8 @@
-"""The ``posthoc-tune`` command."""
+"""The ``posthoc-tune`` command.
+
+The parser is built from :mod:`posthoc_tune.keys` alone; each subcommand imports what it runs
+(pandas, pyarrow, Ray, PyTorch) inside its handler, so ``--help`` answers at once.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +12,13 @@ import sys
 from collections.abc import Sequence
 
 from posthoc_tune import __version__
-from posthoc_tune.datasets import DATASETS
-from posthoc_tune.plots import PLOT_TRANSFORMS
-from posthoc_tune.selection import (
-    FORMATS,
-    TABLE_TRANSFORMS,
-    leaderboard,
-    selection_table,
-    write_frame,
+from posthoc_tune.keys import DATASETS, FORMATS, PLOT_TRANSFORMS, TABLE_TRANSFORMS, TRANSFORMS
+
+EXPERIMENT_HELP = "experiment folder or URI (Tune's storage_path/name)"
+ENSEMBLE_HELP = (
+    "how ensemble members are combined: average their temperature-scaled logits, or their "
+    "probabilities (default: %(default)s)"
 )
-from posthoc_tune.store import StoreError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,21 +37,48 @@ def _parser() -> argparse.ArgumentParser:
         "val/swa+ens+ts/nll. Then print and write the naive vs post-hoc selection table, the "
         "leaderboard and plots.",
     )
-    demo.add_argument("--dataset", choices=DATASETS, default="mnist1d")
-    demo.add_argument("--noise", type=float, default=0.4, help="symmetric label-noise rate")
-    demo.add_argument("--samples", type=int, default=12000, help="MNIST-1D samples to generate")
-    demo.add_argument("--configs", type=int, default=8, help="configurations to try")
-    demo.add_argument("--seeds", type=int, default=4, help="seeds (ensemble members) each")
-    demo.add_argument("--epochs", type=int, default=30, help="epochs per trial at most")
-    demo.add_argument("--grace-period", type=int, default=4, help="PostHocASHA's first rung")
     demo.add_argument(
-        "--cpus-per-trial", type=float, default=0.5, help="CPUs per trial (Tune resources)"
+        "--dataset", choices=DATASETS, default="mnist1d", help="dataset (default: %(default)s)"
     )
     demo.add_argument(
-        "--storage", default="demo_output/ray_results", help="Tune storage_path (or URI)"
+        "--noise", type=float, default=0.4, help="symmetric label-noise rate (default: %(default)s)"
     )
-    demo.add_argument("--out", default="demo_output", help="folder for tables and plots")
-    demo.add_argument("--name", default="demo", help="experiment name")
+    demo.add_argument(
+        "--samples",
+        type=int,
+        default=12000,
+        help="MNIST-1D samples to generate (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--configs", type=int, default=8, help="configurations to try (default: %(default)s)"
+    )
+    demo.add_argument(
+        "--seeds", type=int, default=4, help="seeds (ensemble members) each (default: %(default)s)"
+    )
+    demo.add_argument(
+        "--epochs", type=int, default=30, help="epochs per trial at most (default: %(default)s)"
+    )
+    demo.add_argument(
+        "--grace-period",
+        type=int,
+        default=4,
+        help="PostHocASHA's first rung (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--cpus-per-trial",
+        type=float,
+        default=0.5,
+        help="CPUs per trial (Tune resources; default: %(default)s)",
+    )
+    demo.add_argument(
+        "--storage",
+        default="demo_output/ray_results",
+        help="Tune storage_path or URI (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--out", default="demo_output", help="folder for tables and plots (default: %(default)s)"
+    )
+    demo.add_argument("--name", default="demo", help="experiment name (default: %(default)s)")
     demo.add_argument("--no-plots", action="store_true", help="skip the plots")
 
     table = commands.add_parser(
@@ -60,16 +88,29 @@ def _parser() -> argparse.ArgumentParser:
         "with post-hoc selection (by the transformed model's val metric) for each transform, "
         "computed from the experiment's prediction store alone (no Ray needed).",
     )
-    table.add_argument("experiment", help="experiment folder or URI (Tune's storage_path/name)")
-    table.add_argument("--over", choices=("epochs", "configs+epochs"), default="epochs")
+    table.add_argument("experiment", help=EXPERIMENT_HELP)
+    table.add_argument(
+        "--over",
+        choices=("epochs", "configs+epochs"),
+        default="epochs",
+        help="epochs: a block per configuration; configs+epochs: choose the configuration too, "
+        "naive by the base val metric, post-hoc by the transformed one (default: %(default)s)",
+    )
     table.add_argument(
         "--select-by",
         choices=("same", "nll"),
         default="same",
         help="same: loss columns selected by val nll, error columns by val error (the "
-        "paper); nll: both by val nll",
+        "paper); nll: both by val nll (default: %(default)s)",
     )
-    table.add_argument("--transforms", nargs="+", default=list(TABLE_TRANSFORMS))
+    table.add_argument(
+        "--transforms",
+        nargs="+",
+        choices=TRANSFORMS,
+        default=list(TABLE_TRANSFORMS),
+        metavar="TRANSFORM",
+        help=f"rows, any of {', '.join(TRANSFORMS)} (default: {' '.join(TABLE_TRANSFORMS)})",
+    )
     _output_options(table)
 
     board = commands.add_parser(
@@ -78,9 +119,18 @@ def _parser() -> argparse.ArgumentParser:
         description="Rank the configurations of a stored experiment by a post-hoc metric key "
         "at their best common epoch, with the rank naive selection would give.",
     )
-    board.add_argument("experiment", help="experiment folder or URI (Tune's storage_path/name)")
-    board.add_argument("--metric", default="val/swa+ens+ts/nll", help="post-hoc key to rank by")
-    board.add_argument("--mode", choices=("min", "max"), default="min")
+    board.add_argument("experiment", help=EXPERIMENT_HELP)
+    board.add_argument(
+        "--metric",
+        default="val/swa+ens+ts/nll",
+        help="post-hoc key split/transform/metric to rank by (default: %(default)s)",
+    )
+    board.add_argument(
+        "--mode",
+        choices=("min", "max"),
+        default="min",
+        help="whether lower or higher values of the metric are better (default: %(default)s)",
+    )
     _output_options(board)
 
     replay = commands.add_parser(
@@ -91,17 +141,29 @@ def _parser() -> argparse.ArgumentParser:
         "a simulated cluster, and report each strategy's selected configuration and epoch, "
         "the test loss and error of its TRANSFORM model, and the compute it spent (epochs).",
     )
-    replay.add_argument("experiment", help="experiment folder or URI (Tune's storage_path/name)")
-    replay.add_argument("--transform", default="swa+ens+ts", help="the model every strategy ships")
+    replay.add_argument("experiment", help=EXPERIMENT_HELP)
+    replay.add_argument(
+        "--transform",
+        choices=TRANSFORMS,
+        default="swa+ens+ts",
+        metavar="TRANSFORM",
+        help=f"the model every strategy ships, one of {', '.join(TRANSFORMS)} "
+        "(default: %(default)s)",
+    )
     replay.add_argument("--max-t", type=int, help="ASHA's max_t (default: the longest trial)")
-    replay.add_argument("--grace-period", type=int, default=1)
-    replay.add_argument("--reduction-factor", type=float, default=3)
+    replay.add_argument(
+        "--grace-period", type=int, default=1, help="ASHA's first rung, in epochs (default: 1)"
+    )
+    replay.add_argument(
+        "--reduction-factor",
+        type=float,
+        default=3,
+        help="ASHA's reduction factor: the top 1/factor of a rung continues (default: 3)",
+    )
     replay.add_argument(
         "--concurrency", type=int, help="simulated trial slots (default: every trial at once)"
     )
-    replay.add_argument("--seed-key", default="seed", help="the config key of the seed")
-    replay.add_argument("--format", choices=FORMATS, default="md", help="output format")
-    replay.add_argument("--out", help="write to this file instead of standard output")
+    _format_options(replay, "md or latex: numbers rounded for reading")
 
     compact = commands.add_parser(
         "compact",
@@ -110,9 +172,17 @@ def _parser() -> argparse.ArgumentParser:
         "some naive or post-hoc selection can pick (tables and leaderboards stay the same), "
         "and drop given trials entirely (e.g. pruned ones).",
     )
-    compact.add_argument("experiment", help="experiment folder or URI (Tune's storage_path/name)")
-    compact.add_argument("--keep", choices=("selectable", "all"), default="selectable")
-    compact.add_argument("--drop-trials", nargs="+", default=[], help="trial ids to delete")
+    compact.add_argument("experiment", help=EXPERIMENT_HELP)
+    compact.add_argument(
+        "--keep",
+        choices=("selectable", "all"),
+        default="selectable",
+        help="selectable: only the epochs some naive or post-hoc selection can pick; all: every "
+        "epoch (with --drop-trials: only drop those trials) (default: %(default)s)",
+    )
+    compact.add_argument(
+        "--drop-trials", nargs="+", default=[], metavar="TRIAL_ID", help="trial ids to delete"
+    )
     compact.add_argument("--dry-run", action="store_true", help="report, delete nothing")
 
     plot = commands.add_parser(
@@ -122,18 +192,52 @@ def _parser() -> argparse.ArgumentParser:
         "base model and each transform, mark the naive and post-hoc epochs and shade the "
         "reversal region; also write a leaderboard chart.",
     )
-    plot.add_argument("experiment", help="experiment folder or URI (Tune's storage_path/name)")
+    plot.add_argument("experiment", help=EXPERIMENT_HELP)
     plot.add_argument("--out", required=True, help="folder for the figures")
-    plot.add_argument("--transforms", nargs="+", default=list(PLOT_TRANSFORMS))
-    plot.add_argument("--metric", choices=("nll", "error"), default="nll")
-    plot.add_argument("--formats", nargs="+", default=["png", "svg"])
-    plot.add_argument("--ensemble", choices=("logits", "probs"), default="logits")
+    plot.add_argument(
+        "--transforms",
+        nargs="+",
+        choices=TRANSFORMS,
+        default=list(PLOT_TRANSFORMS),
+        metavar="TRANSFORM",
+        help="curves to draw beside the base model; the leaderboard chart ranks by the last "
+        f"(default: {' '.join(PLOT_TRANSFORMS)})",
+    )
+    plot.add_argument(
+        "--metric",
+        choices=("nll", "error"),
+        default="nll",
+        help="the metric on the y axis and of the leaderboard (default: %(default)s)",
+    )
+    plot.add_argument(
+        "--formats",
+        nargs="+",
+        choices=("png", "svg", "pdf"),
+        default=["png", "svg"],
+        help="file formats, each figure in each (default: png svg)",
+    )
+    plot.add_argument(
+        "--ensemble", choices=("logits", "probs"), default="logits", help=ENSEMBLE_HELP
+    )
     return parser
 
 
 def _output_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ensemble", choices=("logits", "probs"), default="logits")
-    parser.add_argument("--format", choices=FORMATS, default="md", help="output format")
+    parser.add_argument(
+        "--ensemble", choices=("logits", "probs"), default="logits", help=ENSEMBLE_HELP
+    )
+    _format_options(
+        parser, "md or latex: the headline columns for reading, configurations by label"
+    )
+
+
+def _format_options(parser: argparse.ArgumentParser, readable: str) -> None:
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="md",
+        help=f"{readable}; csv or parquet: every column in full (default: %(default)s)",
+    )
     parser.add_argument("--out", help="write to this file instead of standard output")
 
 
@@ -141,6 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (2 with a one-line message for bad input)."""
     parser = _parser()
     args = parser.parse_args(argv)
+    from posthoc_tune.store import StoreError  # pyarrow: only once there is work to do
+
     try:
         return _run(args)
     except (StoreError, ValueError, KeyError, TypeError) as err:
@@ -151,19 +257,34 @@ def _run(args: argparse.Namespace) -> int:
     if getattr(args, "format", None) == "parquet" and args.out is None:  # before a long scan
         raise ValueError("--format parquet needs --out FILE (Parquet is binary)")
     if args.command == "table":
+        from posthoc_tune.curves import configurations
+        from posthoc_tune.display import selection_view
+        from posthoc_tune.selection import open_store, selection_table, write_frame
+
+        store = open_store(args.experiment)
         frame = selection_table(
-            args.experiment,
+            store,
             transforms=args.transforms,
             over=args.over,
             select_by=args.select_by,
             ensemble=args.ensemble,
         )
-        write_frame(frame, args.format, args.out)
+        view = selection_view(frame, configurations(store))
+        write_frame(frame, args.format, args.out, readable=view)
     elif args.command == "leaderboard":
-        frame = leaderboard(args.experiment, args.metric, args.mode, ensemble=args.ensemble)
-        write_frame(frame.set_index("rank"), args.format, args.out)
+        from posthoc_tune.curves import configurations
+        from posthoc_tune.display import leaderboard_view
+        from posthoc_tune.selection import leaderboard, open_store, write_frame
+
+        store = open_store(args.experiment)
+        frame = leaderboard(store, args.metric, args.mode, ensemble=args.ensemble)
+        view = leaderboard_view(frame, configurations(store))
+        write_frame(frame.set_index("rank"), args.format, args.out, readable=view)
     elif args.command == "replay":
+        from posthoc_tune.curves import configurations
+        from posthoc_tune.display import replay_view
         from posthoc_tune.replay import Experiment, compare, default_strategies
+        from posthoc_tune.selection import write_frame
 
         experiment = Experiment(args.experiment, transforms=[args.transform])
         max_t = args.max_t or max(experiment.max_epochs.values())
@@ -172,13 +293,14 @@ def _run(args: argparse.Namespace) -> int:
             grace_period=args.grace_period,
             reduction_factor=args.reduction_factor,
             transform=args.transform,
-            seed_key=args.seed_key,
+            seed_key=experiment.seed_key,  # as the reporter recorded it
         )
         frame = compare(
             experiment, strategies, transform=args.transform, concurrency=args.concurrency
         )
+        view = replay_view(frame, configurations(experiment.store))
         frame["config"] = [json.dumps(c, sort_keys=True) for c in frame["config"]]
-        write_frame(frame, args.format, args.out)
+        write_frame(frame, args.format, args.out, readable=view)
     elif args.command == "compact":
         from posthoc_tune.retention import compact
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-DATASETS = ("mnist1d", "digits", "spirals")
+from posthoc_tune.keys import DATASETS
+
 SPIRAL_ARMS = 3
 
 

@@ -9,7 +9,6 @@ for every transform, the leaderboard ranks the configurations, and the plots sho
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -22,12 +21,14 @@ import torch
 from ray import tune
 
 from posthoc_tune.callback import PostHocCallback
+from posthoc_tune.curves import configurations
 from posthoc_tune.datasets import NoisyDataset, load
+from posthoc_tune.display import leaderboard_view, render, selection_view
 from posthoc_tune.groups import with_seeds
 from posthoc_tune.reporter import PostHocReporter
 from posthoc_tune.schedulers import PostHocASHA
 from posthoc_tune.search import PostHocSearch
-from posthoc_tune.selection import leaderboard, selection_table, write_frame
+from posthoc_tune.selection import leaderboard, open_store, selection_table, write_frame
 from search_spaces.mnist1d import mlp_space
 
 METRIC = "val/swa+ens+ts/nll"
@@ -140,14 +141,17 @@ def run(
     if results.errors:
         raise RuntimeError(f"{len(results.errors)} demo trials failed: {results.errors[0]}")
 
-    table = selection_table(results, over="configs+epochs")
-    board = leaderboard(results, METRIC)
+    store = open_store(results)
+    table = selection_table(store, over="configs+epochs")
+    board = leaderboard(store, METRIC)
+    groups = configurations(store)
+    table_view, board_view = selection_view(table, groups), leaderboard_view(board, groups)
     epochs_run = int(results.get_dataframe()["training_iteration"].sum())
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_frame(table, "md", out_dir / "selection_table.md")
+    write_frame(table, "md", out_dir / "selection_table.md", readable=table_view)
     write_frame(table, "csv", out_dir / "selection_table.csv")
-    write_frame(board.set_index("rank"), "md", out_dir / "leaderboard.md")
+    write_frame(board, "md", out_dir / "leaderboard.md", readable=board_view)
     files = [out_dir / f for f in ("selection_table.md", "selection_table.csv", "leaderboard.md")]
     if plots:
         from posthoc_tune.plots import plot_experiment
@@ -161,7 +165,7 @@ def run(
         f"({epochs_run / (configs * seeds * epochs):.0%}).\n"
     )
     print("Naive vs post-hoc selection over configurations and epochs (noisy test labels):\n")
-    print(_readable(table).to_string(float_format=lambda v: f"{v:.4f}"))
+    print(render(table_view, "md"))
     row = table.loc["swa+ens+ts"]
     print(
         f"\nswa+ens+ts test nll: naive selection {row['naive/test/nll']:.4f}, post-hoc "
@@ -169,12 +173,7 @@ def run(
         f"{row['naive/gain/nll']:+.4f} -> {row['posthoc/gain/nll']:+.4f})"
     )
     print(f"\nConfigurations ranked by {METRIC} (naive rank beside):\n")
-    shown = [c for c in board.columns if c.startswith("config/") or c in ("rank", "epoch")]
-    print(
-        board[[*shown, METRIC, "naive_rank"]].to_string(
-            index=False, float_format=lambda v: f"{v:.4g}"
-        )
-    )
+    print(render(board_view, "md"))
     print(f"\nwrote {len(files)} files to {out_dir}; experiment in {results.experiment_path}")
     print(f"done in {time.perf_counter() - start:.0f} s")
     return DemoResult(results, table, board, epochs_run, configs * seeds * epochs, files)
@@ -220,22 +219,3 @@ def run_grid(
     if results.errors:
         raise RuntimeError(f"{len(results.errors)} grid trials failed: {results.errors[0]}")
     return results
-
-
-def _readable(table: pd.DataFrame) -> pd.DataFrame:
-    """The table's headline columns, with the selected configurations' learning rates."""
-    frame = table[
-        [
-            "naive/test/nll",
-            "posthoc/test/nll",
-            "naive/gain/nll",
-            "posthoc/gain/nll",
-            "naive/test/error",
-            "posthoc/test/error",
-            "naive/epoch",
-            "posthoc/epoch",
-        ]
-    ].copy()
-    for kind in ("naive", "posthoc"):
-        frame[f"{kind}/lr"] = [json.loads(c)["lr"] for c in table[f"{kind}/config"]]
-    return frame

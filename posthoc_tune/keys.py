@@ -2,7 +2,8 @@
 
 Every metric key has the form ``"{split}/{transform}/{metric}"`` (e.g. ``val/swa+ts/nll``).
 These names are a public contract shared by the reporter, the store, the schedulers and the
-tables, so they live in one place and every entry point validates against them.
+tables, so they live in one place and every entry point validates against them. The module
+imports nothing heavy: the command line builds its parser (choices, defaults) from it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,18 @@ TRANSFORMS: tuple[str, ...] = (
 """Post-hoc transforms, composed in the order SWA -> member TS -> combine -> ensemble TS."""
 
 METRICS: tuple[str, ...] = ("nll", "error", "ece", "brier")
+
+TABLE_TRANSFORMS: tuple[str, ...] = ("base", "ts", "swa", "swa+ts", "ens", "ens+ts", "swa+ens+ts")
+"""The selection table's default rows."""
+
+PLOT_TRANSFORMS: tuple[str, ...] = ("swa", "swa+ts", "ens+ts", "swa+ens+ts")
+"""The transforms plotted by default; the leaderboard chart ranks by the last one."""
+
+DATASETS: tuple[str, ...] = ("mnist1d", "digits", "spirals")
+"""The offline datasets of :func:`posthoc_tune.datasets.load`."""
+
+FORMATS: tuple[str, ...] = ("md", "latex", "csv", "parquet")
+"""Table output formats: md and LaTeX for reading, csv and Parquet with every column."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +104,14 @@ def check_objective(metric: str | None, mode: str | None) -> None:
 def metric_keys() -> list[str]:
     """Every metric key a trial reports, in a stable order."""
     return [f"{s}/{t}/{m}" for s in SPLITS for t in TRANSFORMS for m in METRICS]
+
+
+def ensemble_epoch_key(transform: str) -> str:
+    """The result key holding the epoch of a group's latest ensemble value under a
+    transform (members run ahead of their group, so it can be earlier than ``epoch``)."""
+    if not parse_transform(transform).ens:
+        raise ValueError(f"transform {transform!r} is per-trial; ensemble epochs need 'ens'")
+    return f"ensemble_epoch/{transform}"
 
 
 def check_name(kind: str, value: object, allowed: tuple[str, ...]) -> str:

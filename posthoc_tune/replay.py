@@ -16,7 +16,7 @@ import copy
 import heapq
 import json
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
@@ -26,18 +26,11 @@ import pandas as pd
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
+from posthoc_tune.curves import Curves, configurations, naive_ensembles, scan
 from posthoc_tune.ensemble import EnsembleEvaluator
 from posthoc_tune.keys import TRANSFORMS, parse_metric_key, parse_transform
 from posthoc_tune.schedulers import PostHocASHA
-from posthoc_tune.selection import (
-    Curves,
-    configurations,
-    naive_ensembles,
-    open_store,
-    scan,
-    summarise,
-    table_row,
-)
+from posthoc_tune.selection import open_store, summarise, table_row
 from posthoc_tune.store import PredictionStore
 from posthoc_tune.transforms import Combiner
 
@@ -101,12 +94,16 @@ class Experiment:
         self.store: PredictionStore = open_store(experiment)
         self.ensemble: Combiner = ensemble
         self.select_by = select_by
+        groups = configurations(self.store)
+        self.max_epochs = _full_budget(self.store, groups)
+        self.seed_key = _seed_key(self.store, self.max_epochs)
         ens = [parse_transform(t).name for t in transforms]
         self._transforms = list(dict.fromkeys([*_SINGLE, *ens]))
-        self.curves: dict[str, Curves] = {
-            group: scan(self.store, group, members, config, self._transforms, select_by, ensemble)
-            for group, (members, config) in configurations(self.store).items()
-        }
+        self.curves: dict[str, Curves] = {}
+        for group, (members, config) in groups.items():
+            curves = scan(self.store, group, members, config, self._transforms, ensemble)
+            naive_ensembles(self.store, curves, select_by, ensemble)
+            self.curves[group] = curves
         # Trials start a configuration at a time (as PostHocSearch launches them), in the
         # order Tune created them (trial ids carry a running counter).
         first = {g: min(c.members) for g, c in self.curves.items()}
@@ -114,7 +111,6 @@ class Experiment:
             m for g in sorted(self.curves, key=first.__getitem__) for m in self.curves[g].members
         ]
         self.configs = {m: self.store.metadata(m)["config"] for m in self.trials}
-        self.max_epochs = {m: len(self._single("base", m)) for m in self.trials}
 
     @property
     def full_compute(self) -> int:
@@ -163,6 +159,12 @@ class Experiment:
         if scheduler is None:
             scheduler = FIFOScheduler()
         self._check_metric(scheduler)
+        if isinstance(scheduler, PostHocASHA) and scheduler.seed_key != self.seed_key:
+            raise ValueError(
+                f"this experiment's trials were stored with the seed key {self.seed_key!r}, "
+                f"but the PostHocASHA groups them by {scheduler.seed_key!r}: pass "
+                f"PostHocASHA(seed_key={self.seed_key!r}) (Experiment.seed_key)"
+            )
         if concurrency is not None and (isinstance(concurrency, bool) or concurrency < 1):
             raise ValueError(f"concurrency must be an int >= 1, got {concurrency!r}")
         if isinstance(scheduler, PostHocASHA):
@@ -249,8 +251,44 @@ class Experiment:
             )
 
 
-def _up_to(curve: Mapping[int, dict[str, float]], epoch: int) -> dict[int, dict[str, float]]:
-    return {e: scores for e, scores in curve.items() if e <= epoch}
+def _full_budget(
+    store: PredictionStore, groups: Mapping[str, tuple[list[str], Any]]
+) -> dict[str, int]:
+    """Each trial's epoch count, after checking that the store holds a full-budget run: a
+    replay feeds the stored curves as if the trials were training, so every trial must have
+    trained to the same last epoch, with every epoch stored. Refuses pruned and compacted
+    experiments with the reason."""
+    epochs = {m: store.epochs(m) for members, _ in groups.values() for m in members}
+    last = max((e[-1] for e in epochs.values() if e), default=0)
+    compacted = sorted(g for g in groups if store.scores(g) is not None)
+    gaps = sorted(m for m, e in epochs.items() if e != list(range(1, len(e) + 1)))
+    short = sorted(m for m, e in epochs.items() if m not in gaps and len(e) < last)
+    problems = []
+    if compacted or gaps:
+        where = f": trials {', '.join(gaps[:3])}{', ...' if len(gaps) > 3 else ''}" if gaps else ""
+        problems.append(f"epochs were removed by compact{where}")
+    if short:
+        shown = ", ".join(f"{m} at epoch {len(epochs[m])}" for m in short[:3])
+        more = ", ..." if len(short) > 3 else ""
+        problems.append(
+            f"{len(short)} trials stopped before epoch {last} ({shown}{more}): was the "
+            f"experiment pruned (e.g. by ASHA)?"
+        )
+    if problems:
+        raise ValueError(
+            "a replay needs a full-budget experiment, every trial trained to the same last "
+            "epoch with every epoch stored; here " + "; and ".join(problems) + ". Replay a run "
+            "without early stopping, before compacting it"
+        )
+    return {m: len(e) for m, e in epochs.items()}
+
+
+def _seed_key(store: PredictionStore, trials: Iterable[str]) -> str:
+    """The config key the reporter recorded as the seed (one per experiment)."""
+    keys = {str(store.metadata(m)["seed_key"]) for m in trials}
+    if len(keys) != 1:
+        raise ValueError(f"the experiment's trials were stored with several seed keys: {keys}")
+    return keys.pop()
 
 
 def compare(

@@ -3,12 +3,15 @@
 A store keeps every epoch's logits of every trial, which is what post-hoc selection needs
 while the experiment runs. Afterwards most of it can go:
 
-* **Epochs no selection can pick.** Naive selection picks each member's base-best epoch;
-  post-hoc selection the best epoch of each transform (per member, or one common epoch for an
-  ensemble or the members' mean), by val nll or val error. Keeping exactly those epochs
-  keeps every argmin, so :func:`~posthoc_tune.selection_table` (any ``over``, either
-  ``select_by``) and the leaderboard on nll/error keys give the same results afterwards.
-  Curves and plots lose their other points.
+* **Epochs no selection can pick.** Naive selection picks each member's base-best epoch (and
+  ensembles those); post-hoc selection the best epoch of each transform (per member, or one
+  common epoch for an ensemble or the members' mean), by val nll or val error. Before deleting
+  the other epochs' logits, :func:`compact` stores each configuration's scored curves (every
+  transform, split and metric at every epoch, a few numbers per epoch: see
+  :mod:`posthoc_tune.curves`), so :func:`~posthoc_tune.selection_table`, the leaderboard and
+  the plots give exactly what they gave before. What is lost: a replay (it needs every epoch's
+  logits, and refuses a compacted store), and ensembles with another combiner than
+  ``ensemble`` at the deleted epochs.
 * **Pruned trials.** Trials a scheduler stopped early (``PostHocASHA.pruned_trials``) rarely
   hold the selected model; dropping them removes them from every later table.
 
@@ -22,10 +25,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
-
-from posthoc_tune.keys import TRANSFORMS
-from posthoc_tune.selection import Curves, argbest, configurations, open_store, scan
+from posthoc_tune.curves import (
+    Curves,
+    argbest,
+    configurations,
+    objective_curve,
+    scan,
+    scores_table,
+)
+from posthoc_tune.keys import METRICS, TRANSFORMS
+from posthoc_tune.selection import open_store
 from posthoc_tune.transforms import Combiner
 
 Keep = Literal["all", "selectable"]
@@ -54,15 +63,12 @@ def selectable_epochs(curves: Curves) -> dict[str, set[int]]:
     keep: dict[str, set[int | None]] = {m: set() for m in curves.members}
     for obj in _OBJECTIVES:
         key = f"val/{obj}"
-        for per_member in curves.single.values():
+        for transform, per_member in curves.single.items():
             for m, curve in per_member.items():
                 keep[m].add(argbest(curve, key))
-            common = set.intersection(*(set(c) for c in per_member.values()))
-            mean = {
-                e: {key: float(np.mean([c[e][key] for c in per_member.values()]))} for e in common
-            }
-            for m in curves.members:  # the leaderboard's epoch for a per-trial key
-                keep[m].add(argbest(mean, key))
+            common = {e: {key: v} for e, v in objective_curve(curves, transform, key).items()}
+            for m in curves.members:
+                keep[m].add(argbest(common, key))
         for curve in curves.ens.values():
             epoch = argbest(curve, key)
             for m in curves.members:
@@ -104,12 +110,14 @@ def compact(
         raise ValueError(f"drop_trials names trials the store does not hold: {unknown[:5]}")
     kept: dict[str, list[int]] = {}
     deleted: dict[str, list[int]] = {}
+    scored = []
     if keep == "selectable":
         for group, (members, config) in configurations(store).items():
             members = [m for m in members if m not in dropped]
             if not members:
                 continue
-            curves = scan(store, group, members, config, list(TRANSFORMS), "same", ensemble)
+            curves = scan(store, group, members, config, TRANSFORMS, ensemble, METRICS)
+            scored.append(curves)
             for m, selectable in selectable_epochs(curves).items():
                 kept[m] = sorted(selectable)
                 deleted[m] = [e for e in store.epochs(m) if e not in selectable]
@@ -118,6 +126,9 @@ def compact(
     if not dry_run:
         for trial_id in dropped:
             store.delete_trial(trial_id)
+        for curves in scored:  # every configuration's curves, before any of its logits go
+            if any(deleted[m] for m in curves.members):
+                store.write_scores(curves.group, scores_table(curves, ensemble))
         for trial_id, gone in deleted.items():
             store.delete_epochs(trial_id, gone)
     return Compaction(dropped, deleted, kept)

@@ -1,9 +1,9 @@
-"""Selection from the prediction store alone: the configuration leaderboard.
+"""Selection from the prediction store alone: the leaderboard and the naive vs post-hoc table.
 
 Post-hoc selection ranks configurations by the transformed model's val metric at its best
 epoch (one common epoch for the members of an ensemble); naive selection by the base model's
-val metric, each member at its own best epoch. Both are computed from the stored logits, so
-a leaderboard needs no Ray and no result logs.
+val metric, each member at its own best epoch. Both are computed from the stored logits
+through :mod:`posthoc_tune.curves`, so they need no Ray and no result logs.
 """
 
 from __future__ import annotations
@@ -13,18 +13,33 @@ import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from posthoc_tune.ensemble import EnsembleEvaluator
+from posthoc_tune.curves import (
+    DEFAULT_METRICS,
+    Curves,
+    Scores,
+    argbest,
+    configurations,
+    naive_ensembles,
+    objective_curve,
+    scan,
+)
+from posthoc_tune.display import render
 from posthoc_tune.groups import flatten_config
-from posthoc_tune.keys import parse_metric_key, parse_transform
-from posthoc_tune.metrics import evaluate
-from posthoc_tune.store import PredictionStore, VariantParts
-from posthoc_tune.transforms import Combiner, apply_transform
+from posthoc_tune.keys import (
+    FORMATS,
+    TABLE_TRANSFORMS,
+    check_name,
+    parse_metric_key,
+    parse_transform,
+)
+from posthoc_tune.store import PredictionStore
+from posthoc_tune.transforms import Combiner
 
 
 def leaderboard(
@@ -44,47 +59,29 @@ def leaderboard(
         ensemble: ensemble combiner for group keys.
 
     Columns: ``rank``, ``group``, ``config/<name>`` (the configuration without its seed),
-    ``n_members``, ``epoch`` (the best common epoch), ``metric`` (its value there),
-    ``naive_value`` (the members' mean of their best base value of the same split and metric,
-    each at its own epoch), ``naive_epochs`` and ``naive_rank``.
+    ``n_members``, ``epoch`` (the best epoch every member reached), ``metric`` (its value
+    there), ``naive_value`` (the members' mean of their best base value of the same split and
+    metric, each member at its own best epoch among all it ran, as naive selection keeps it),
+    ``naive_epochs`` and ``naive_rank``.
     """
     split, transform, name = parse_metric_key(metric)
     if mode not in ("min", "max"):
         raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
     store = open_store(results_or_experiment_path)
-    groups = configurations(store)
-    evaluator = EnsembleEvaluator(store, ensemble=ensemble, splits=[split], persist=False)
-    evaluator.load()
-    better = min if mode == "min" else max
+    key, sign = f"{split}/{name}", (1.0 if mode == "min" else -1.0)
     rows = []
-    for group, (members, config) in groups.items():
-        epochs = sorted(set.intersection(*(set(store.epochs(m)) for m in members)))
-        scores = {}
-        base: dict[str, dict[int, float]] = {m: {} for m in members}
-        for epoch in epochs:
-            per_member = []
-            for m in members:
-                parts = store.read_epoch(m, epoch)
-                y = store.labels(split)
-                if (split, "base") in parts:
-                    base[m][epoch] = evaluate(parts[(split, "base")], y)[name]
-                if not transform.ens:
-                    per_member.append(_member_value(store, parts, transform.name, split, name))
-            if transform.ens:
-                value = evaluator.evaluate(group, epoch, members, transform.name)
-                scores[epoch] = value.values.get(metric, math.nan)
-            else:
-                scores[epoch] = float(np.mean(per_member))
-        finite = {e: v for e, v in scores.items() if math.isfinite(v)}
-        best_epoch = better(finite, key=finite.__getitem__) if finite else None
-        naive = [_best(base[m], better) for m in members]
+    for group, (members, config) in configurations(store).items():
+        curves = scan(store, group, members, config, ["base", transform.name], ensemble, [name])
+        best_epoch, best = _best_epoch(objective_curve(curves, transform.name, key), sign)
+        base = curves.single["base"]
+        naive = [_best_epoch(_values(base[m], key), sign) for m in members]
         rows.append(
             {
                 "group": group,
                 **flatten_config(config, "config/"),
                 "n_members": len(members),
                 "epoch": best_epoch,
-                metric: finite[best_epoch] if best_epoch is not None else math.nan,
+                metric: best,
                 "naive_value": float(np.mean([v for _, v in naive])),
                 "naive_epochs": [e for e, _ in naive],
             }
@@ -98,62 +95,34 @@ def leaderboard(
     return frame
 
 
+def _values(curve: Mapping[int, Scores], key: str) -> dict[int, float]:
+    return {e: s.get(key, math.nan) for e, s in curve.items()}
+
+
+def _best_epoch(curve: Mapping[int, float], sign: float) -> tuple[int | None, float]:
+    """The epoch with the best finite value (lowest of ``sign * value``; earliest on ties)
+    and the value, or (None, NaN)."""
+    scores = {e: {"v": sign * v} for e, v in curve.items()}
+    epoch = argbest(scores, "v")
+    return (epoch, curve[epoch]) if epoch is not None else (None, math.nan)
+
+
 def open_store(results_or_path: Any) -> PredictionStore:
+    """The prediction store of a ``tune.ResultGrid``, an experiment path/URI or a store; a
+    path that does not exist is an error (readers never create a store)."""
     if isinstance(results_or_path, PredictionStore):
         return results_or_path
     if isinstance(results_or_path, (str, os.PathLike)):
-        return PredictionStore.open(results_or_path)
+        return PredictionStore.open(results_or_path, must_exist=True)
     path = getattr(results_or_path, "experiment_path", None)
     if path is None:
         kind = type(results_or_path).__name__
         raise TypeError(f"expected a tune.ResultGrid or an experiment path, got {kind}")
-    return PredictionStore.open(path, filesystem=getattr(results_or_path, "filesystem", None))
-
-
-def _member_value(
-    store: PredictionStore,
-    parts: Mapping[tuple[str, str], np.ndarray],
-    transform: str,
-    split: str,
-    metric: str,
-) -> float:
-    """A single model's transformed metric (TS fit on its val logits, applied to ``split``)."""
-    variant = "swa" if transform.startswith("swa") else "base"
-    if (split, variant) not in parts:
-        return math.nan
-    test = [parts[(split, variant)]] if split != "val" else None
-    val_z, test_z = apply_transform(transform, [parts[("val", variant)]], store.labels("val"), test)
-    z = val_z if split == "val" else test_z
-    assert z is not None
-    return evaluate(z, store.labels(split))[metric]
-
-
-def _best(values: Mapping[int, float], better: Any) -> tuple[int | None, float]:
-    finite = {e: v for e, v in values.items() if math.isfinite(v)}
-    if not finite:
-        return None, math.nan
-    epoch = better(finite, key=finite.__getitem__)
-    return epoch, finite[epoch]
+    filesystem = getattr(results_or_path, "filesystem", None)
+    return PredictionStore.open(path, filesystem=filesystem, must_exist=True)
 
 
 # -- naive vs post-hoc selection table ----------------------------------------------------------
-
-TABLE_TRANSFORMS: tuple[str, ...] = ("base", "ts", "swa", "swa+ts", "ens", "ens+ts", "swa+ens+ts")
-_REPORTED = ("nll", "error")
-Scores = dict[str, float]  # "val/nll", "val/error", "test/nll", "test/error"
-
-
-@dataclass
-class Curves:
-    """One configuration's scores: per member and epoch for single-model transforms, per
-    common epoch for ensemble transforms."""
-
-    group: str
-    config: dict[str, Any]
-    members: list[str]
-    single: dict[str, dict[str, dict[int, Scores]]] = field(default_factory=dict)
-    ens: dict[str, dict[int, Scores]] = field(default_factory=dict)
-    naive_ens: dict[tuple[str, str], Scores] = field(default_factory=dict)  # (transform, obj)
 
 
 def selection_table(
@@ -207,7 +176,8 @@ def selection_table(
     bar = _Progress(sum(len(m) for m, _ in groups.values()), progress)
     curves = []  # per configuration only its picks: memory stays flat in the trial count
     for group, (members, config) in groups.items():
-        scanned = scan(store, group, members, config, needed, select_by, ensemble)
+        scanned = scan(store, group, members, config, needed, ensemble)
+        naive_ensembles(store, scanned, select_by, ensemble)
         curves.append(summarise(scanned, needed, select_by))
         bar.advance(len(members))
     bar.close()
@@ -247,120 +217,6 @@ class _Progress:
     def close(self) -> None:
         if self.show:
             print(file=sys.stderr)
-
-
-def configurations(store: PredictionStore) -> dict[str, tuple[list[str], dict[str, Any]]]:
-    groups: dict[str, tuple[list[str], dict[str, Any]]] = {}
-    for trial_id in store.trials():
-        meta = store.metadata(trial_id)
-        config = {k: v for k, v in meta["config"].items() if k != meta["seed_key"]}
-        groups.setdefault(meta["group"], ([], config))[0].append(trial_id)
-    if not groups:
-        raise ValueError(f"the store at {store.root!r} holds no trials")
-    return groups
-
-
-def _scores(val: np.ndarray, test: np.ndarray | None, store: PredictionStore) -> Scores:
-    out = {f"val/{m}": v for m, v in evaluate(val, store.labels("val"), _REPORTED).items()}
-    if test is not None:
-        out.update(
-            {f"test/{m}": v for m, v in evaluate(test, store.labels("test"), _REPORTED).items()}
-        )
-    return out
-
-
-def _transform_scores(
-    store: PredictionStore,
-    parts: Sequence[VariantParts],
-    transform: str,
-    ensemble: Combiner,
-) -> Scores:
-    """Scores of a transform of one or more members' logits of its variant."""
-    tests = [p.logits["test"] for p in parts] if all("test" in p.logits for p in parts) else None
-    val, test = apply_transform(
-        transform,
-        [p.logits["val"] for p in parts],
-        store.labels("val"),
-        tests,
-        ensemble=ensemble,
-        member_temperatures=[p.temperature for p in parts],
-    )
-    return _scores(val, test, store)
-
-
-def scan(
-    store: PredictionStore,
-    group: str,
-    members: list[str],
-    config: dict[str, Any],
-    transforms: list[str],
-    select_by: str,
-    ensemble: Combiner,
-) -> Curves:
-    """Read a configuration's stored epochs once (one epoch of its members at a time) and
-    score every transform; then build the naive ensembles from each member's own epoch."""
-    curves = Curves(group, config, members)
-    parsed = {t: parse_transform(t) for t in transforms}
-    for t in transforms:
-        if parsed[t].ens:
-            curves.ens[t] = {}
-        else:
-            curves.single[t] = {m: {} for m in members}
-    epochs = {m: set(store.epochs(m)) for m in members}
-    for epoch in sorted(set().union(*epochs.values())):
-        read = {m: _variants(store, m, epoch) for m in members if epoch in epochs[m]}
-        for t in transforms:
-            variant = parsed[t].variant
-            have = {m: r[variant] for m, r in read.items() if variant in r}
-            if parsed[t].ens:
-                if len(have) == len(members):
-                    curves.ens[t][epoch] = _transform_scores(
-                        store, list(have.values()), t, ensemble
-                    )
-            else:
-                for m, part in have.items():
-                    curves.single[t][m][epoch] = _transform_scores(store, [part], t, ensemble)
-    naive_ensembles(store, curves, select_by, ensemble)
-    return curves
-
-
-def naive_ensembles(
-    store: PredictionStore, curves: Curves, select_by: str, ensemble: Combiner
-) -> None:
-    """(Re)build ``curves.naive_ens``: each ensemble transform of the members at their own
-    base-best epochs within ``curves`` (which a replay may have cut short)."""
-    curves.naive_ens.clear()
-    for t in curves.ens:
-        variant = parse_transform(t).variant
-        for obj in _objectives(select_by):
-            chosen = {m: argbest(curves.single["base"][m], f"val/{obj}") for m in curves.members}
-            picked = {m: e for m, e in chosen.items() if e is not None}
-            if len(picked) < len(curves.members):
-                curves.naive_ens[(t, obj)] = {}
-                continue
-            parts = [_variants(store, m, e)[variant] for m, e in picked.items()]
-            curves.naive_ens[(t, obj)] = _transform_scores(store, parts, t, ensemble)
-
-
-def _variants(store: PredictionStore, trial_id: str, epoch: int) -> dict[str, VariantParts]:
-    parts = store.read_epoch(trial_id, epoch)
-    temperatures = store.temperatures(trial_id, epoch)
-    out = {}
-    for variant in ("base", "swa"):
-        logits = {s: z for (s, v), z in parts.items() if v == variant}
-        if "val" in logits:
-            out[variant] = VariantParts(logits, temperatures.get(variant))
-    return out
-
-
-def _objectives(select_by: str) -> tuple[str, ...]:
-    return ("nll", "error") if select_by == "same" else ("nll",)
-
-
-def argbest(curve: Mapping[int, Scores], key: str) -> int | None:
-    """The epoch with the lowest finite ``key`` (the earliest on ties), or None."""
-    finite = {e: s[key] for e, s in curve.items() if key in s and math.isfinite(s[key])}
-    return min(finite, key=lambda e: (finite[e], e)) if finite else None
 
 
 def _selected(curves: Curves, transform: str, metric: str, obj: str, naive: bool) -> _Pick:
@@ -415,7 +271,7 @@ def summarise(curves: Curves, transforms: list[str], select_by: str) -> Summary:
     """A configuration's naive and post-hoc picks for every transform and reported metric."""
     picks = {}
     for transform in transforms:
-        for metric in _REPORTED:
+        for metric in DEFAULT_METRICS:
             obj = metric if select_by == "same" else "nll"
             for naive in (True, False):
                 picks[(transform, metric, naive)] = _selected(curves, transform, metric, obj, naive)
@@ -426,7 +282,7 @@ def table_row(curves: list[Summary], transform: str) -> dict[str, Any]:
     """A table row: for each reported metric, the naive and post-hoc picks, choosing the
     configuration (when there are several) by the naive or post-hoc val objective."""
     row: dict[str, Any] = {}
-    for metric in _REPORTED:
+    for metric in DEFAULT_METRICS:
         for kind, naive in (("naive", True), ("posthoc", False)):
             picks = [(c, c.picks[(transform, metric, naive)]) for c in curves]
             finite = [(c, p) for c, p in picks if math.isfinite(p.val)]
@@ -444,7 +300,7 @@ def table_row(curves: list[Summary], transform: str) -> dict[str, Any]:
 def _with_gains(frame: pd.DataFrame) -> pd.DataFrame:
     """Gains over the untransformed base (of the same configuration block) and their ratio."""
     frame = frame.copy()
-    for metric in _REPORTED:
+    for metric in DEFAULT_METRICS:
         if frame.index.nlevels == 1:
             base = frame.loc["base", f"naive/test/{metric}"]
         else:
@@ -463,24 +319,26 @@ def _with_gains(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-FORMATS = ("md", "latex", "csv", "parquet")
+def write_frame(
+    frame: pd.DataFrame,
+    fmt: str,
+    out: str | os.PathLike[str] | None = None,
+    *,
+    readable: Sequence[pd.DataFrame] | None = None,
+) -> None:
+    """Write a table to ``out`` or standard output: md and LaTeX for reading, csv and Parquet
+    (``out`` required) with every column.
 
-
-def write_frame(frame: pd.DataFrame, fmt: str, out: str | os.PathLike[str] | None = None) -> None:
-    """Write a table as markdown, LaTeX, CSV (to ``out`` or standard output) or Parquet
-    (to ``out``, required)."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; expected one of {list(FORMATS)}")
+    md and LaTeX print ``readable`` (a view such as :func:`posthoc_tune.display.selection_view`)
+    when given, else ``frame``, with numbers formatted by :func:`posthoc_tune.display.render`.
+    """
+    check_name("format", fmt, FORMATS)
     if fmt == "parquet":
         if out is None:
             raise ValueError("--format parquet needs --out FILE (Parquet is binary)")
         frame.to_parquet(out)
         return
-    text = {
-        "md": lambda: frame.to_markdown(floatfmt=".4f"),
-        "latex": lambda: frame.to_latex(float_format="%.4f"),
-        "csv": lambda: frame.to_csv(),
-    }[fmt]()
+    text = frame.to_csv() if fmt == "csv" else render(readable or [frame], fmt)
     if out is None:
         print(text)
     else:

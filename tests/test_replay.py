@@ -11,8 +11,10 @@ import pytest
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from posthoc_tune import PostHocASHA, selection_table
+from posthoc_tune import PostHocASHA, PredictionStore, selection_table
+from posthoc_tune.cli import main
 from posthoc_tune.replay import Experiment, Strategy, compare, default_strategies
+from posthoc_tune.retention import compact
 from tests import reference as ref
 from tests import test_asha_tune as live
 
@@ -144,6 +146,58 @@ def test_bad_arguments(experiment: Experiment) -> None:
     with pytest.raises(ValueError, match="selection must be 'naive' or 'posthoc', got 'best'"):
         experiment.select(None, "swa+ens+ts", "best")  # type: ignore[arg-type]
     assert Strategy(FIFOScheduler()).selection == "posthoc"
+
+
+def test_a_pruned_or_compacted_experiment_is_refused_with_the_reason(
+    experiment: Experiment, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    replay = experiment.replay(
+        default_strategies(EPOCHS, reduction_factor=2)["ASHA on val/base/nll"].scheduler,
+        concurrency=2,
+    )
+    pruned = _cut_copy(experiment, replay.epochs, tmp_path / "pruned")
+    stopped = sorted(t for t, e in replay.epochs.items() if e < EPOCHS)
+    first = f"{stopped[0]} at epoch {replay.epochs[stopped[0]]}"
+    with pytest.raises(
+        ValueError, match=f"{len(stopped)} trials stopped before epoch {EPOCHS} \\({first}"
+    ):
+        Experiment(pruned)
+    compacted = tmp_path / "compacted"
+    shutil.copytree(Path(experiment.store.root).parent, compacted)
+    compact(compacted)
+    with pytest.raises(ValueError, match="epochs were removed by compact"):
+        Experiment(compacted)
+    with pytest.raises(SystemExit) as exit_info:  # the CLI says it in one line
+        main(["replay", str(compacted)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "removed by compact" in err
+
+
+def test_the_seed_key_comes_from_the_store(
+    experiment: Experiment, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run built with ``with_seeds(..., key="_seed")`` (as the README advises) replays
+    without being told the key again."""
+    path = tmp_path / "exp"
+    shutil.copytree(Path(experiment.store.root).parent, path)
+    store = PredictionStore.open(path)
+    for trial in store.trials():
+        config = store.metadata(trial)["config"]
+        store.write_metadata(trial, {"cfg": config["cfg"], "_seed": config["seed"]}, "_seed")
+    renamed = Experiment(path)
+    assert renamed.seed_key == "_seed" and experiment.seed_key == "seed"
+    ours = default_strategies(EPOCHS, reduction_factor=2, seed_key=renamed.seed_key)
+    theirs = default_strategies(EPOCHS, reduction_factor=2)
+    key = "PostHocASHA on val/swa+ens+ts/nll"
+    # Same groups, same decisions as on the store with the default key.
+    assert (
+        renamed.replay(ours[key].scheduler, concurrency=2).epochs
+        == experiment.replay(theirs[key].scheduler, concurrency=2).epochs
+    )
+    with pytest.raises(ValueError, match=r"stored with the seed key '_seed'.*seed_key='_seed'"):
+        renamed.replay(PostHocASHA(metric="val/swa+ens+ts/nll", mode="min", max_t=EPOCHS))
+    assert main(["replay", str(path), "--grace-period", "1", "--reduction-factor", "2"]) == 0
+    assert "PostHocASHA on val/swa+ens+ts/nll" in capsys.readouterr().out
 
 
 # -- against live Tune runs ---------------------------------------------------------------------

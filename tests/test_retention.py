@@ -5,11 +5,15 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-from posthoc_tune import PredictionStore, leaderboard, selection_table
+from posthoc_tune import PostHocASHA, PredictionStore, leaderboard, selection_table
 from posthoc_tune.cli import main
+from posthoc_tune.plots import experiment_figures
+from posthoc_tune.replay import Experiment
 from posthoc_tune.retention import compact
 from tests import reference as ref
 
@@ -29,10 +33,58 @@ def _tables(path: Path) -> list[pd.DataFrame]:
         for over in ("epochs", "configs+epochs")
         for by in ("same", "nll")
     ]
-    for metric in ("val/swa+ens+ts/nll", "val/swa+ts/error", "val/ens/nll"):
-        board = leaderboard(path, metric)
-        tables.append(board.drop(columns=["naive_value", "naive_epochs", "naive_rank"]))
+    for metric in ("val/swa+ens+ts/nll", "val/swa+ts/error", "val/ens/nll", "val/base/nll"):
+        tables.append(leaderboard(path, metric))
     return tables
+
+
+def _pixels(path: Path) -> dict[str, np.ndarray]:
+    """Every figure plot_experiment draws, rendered."""
+    out = {}
+    for stem, figure in experiment_figures(path):
+        canvas = FigureCanvasAgg(figure)
+        canvas.draw()
+        out[stem] = np.asarray(canvas.buffer_rgba()).copy()
+    return out
+
+
+@pytest.fixture
+def pruned(tmp_path: Path) -> Path:
+    """A store as a run that PostHocASHA pruned leaves it: PostHocASHA on the ensemble key,
+    fed the full synthetic curves, decides which groups stop and when; the store keeps only
+    the epochs each trial ran, and one member of a stopped group ran two epochs past its
+    group's stop (members train on while the driver judges their group)."""
+    configs = {"a": 0.3, "b": 0.7, "c": 0.5, "d": 0.1}
+    store = ref.synthetic_store(tmp_path / "exp", configs, SEEDS, EPOCHS, C)
+    asha = PostHocASHA(
+        metric="val/swa+ens+ts/nll", mode="min", max_t=EPOCHS, grace_period=1, reduction_factor=2
+    )
+    ran = Experiment(store).replay(asha, concurrency=2 * SEEDS).epochs
+    stopped = sorted(t for t, e in ran.items() if e < EPOCHS)
+    assert stopped and len(stopped) < len(ran)  # some groups pruned, some not
+    ran[stopped[0]] += 2
+    for trial, epochs in ran.items():
+        store.delete_epochs(trial, range(epochs + 1, EPOCHS + 1))
+    return tmp_path / "exp"
+
+
+def test_compacting_a_pruned_run_keeps_tables_leaderboards_and_plots(pruned: Path) -> None:
+    tables, pixels = _tables(pruned), _pixels(pruned)
+    store = PredictionStore.open(pruned)
+    stored = {t: store.epochs(t) for t in store.trials()}
+    report = compact(pruned)
+    assert report.n_dropped_files > 0
+    assert {t: store.epochs(t) for t in store.trials()} != stored
+    for got, expected in zip(_tables(pruned), tables, strict=True):
+        pd.testing.assert_frame_equal(got, expected)
+    after = _pixels(pruned)
+    assert after.keys() == pixels.keys()
+    for stem, image in pixels.items():
+        np.testing.assert_array_equal(after[stem], image, err_msg=stem)
+    # A second compaction finds nothing more to delete and changes nothing.
+    assert compact(pruned).n_dropped_files == 0
+    for got, expected in zip(_tables(pruned), tables, strict=True):
+        pd.testing.assert_frame_equal(got, expected)
 
 
 def test_keeping_selectable_epochs_keeps_every_selection(experiment: Path) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from ray import tune
 
-from posthoc_tune import PredictionStore, selection_table, with_seeds
+from posthoc_tune import PredictionStore, StoreError, selection_table, with_seeds
 from posthoc_tune.datasets import load
 from posthoc_tune.demo import train_mlp
 from tests import reference as ref
@@ -148,7 +148,7 @@ def test_bad_arguments(store: PredictionStore, tmp_path: Path) -> None:
         selection_table(store, select_by="error")
     with pytest.raises(ValueError, match="unknown transform 'ens\\+swa'"):
         selection_table(store, transforms=["ens+swa"])
-    with pytest.raises(ValueError, match="holds no trials"):
+    with pytest.raises(StoreError, match="holds no prediction store"):
         selection_table(tmp_path)
 
 
