@@ -27,9 +27,12 @@ import numpy as np
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
+import posthoc_tune as pht
 from posthoc_tune import (
+    METRICS,
     EnsembleEvaluator,
     PostHocASHA,
+    PostHocCallback,
     PredictionStore,
     TemperatureScaler,
     ensemble_metrics,
@@ -130,9 +133,12 @@ def run_stream(
     max_t: int,
     in_flight: int,
     before_result: Callable[[str, int], None] | None = None,
+    callback: PostHocCallback | None = None,
+    callback_times: list[float] | None = None,
 ) -> tuple[list[float], int]:
     """Trials start ``in_flight`` at a time and report round-robin. Returns per-result
-    on_trial_result latencies (s) and the total epochs run."""
+    on_trial_result latencies (s) and the total epochs run. With ``callback``, it sees each
+    result after the scheduler, as in Tune, and its latencies go to ``callback_times``."""
     np.random.seed(0)
     trials = [
         Trial("t", stub=True, trial_id=f"t{i:05d}", config=cfg) for i, cfg in enumerate(configs)
@@ -145,6 +151,8 @@ def run_stream(
             trial = waiting.pop(0)
             trial.status = Trial.RUNNING
             scheduler.on_trial_add(controller, trial)  # type: ignore[arg-type]
+            if callback is not None:
+                callback.on_trial_start(0, trials, trial)
             running.append(trial)
         for trial in list(running):
             if trial.status != Trial.RUNNING:
@@ -158,6 +166,11 @@ def run_stream(
             start = time.perf_counter()
             action = scheduler.on_trial_result(controller, trial, result)  # type: ignore[arg-type]
             times.append(time.perf_counter() - start)
+            if callback is not None and callback_times is not None:
+                start = time.perf_counter()
+                callback.on_trial_result(0, trials, trial, result)
+                callback_times.append(time.perf_counter() - start)
+                trial.update_last_result(result)
             controller.last[trial.trial_id] = result
             epochs += 1
             if action == TrialScheduler.STOP or epoch >= max_t:
@@ -220,21 +233,36 @@ def bench_latency(n_trials: int = 1000) -> None:
         reduction_factor=3,
         store=store,
     )
-    group.callback.setup()
+    callback = group.callback
+    callback.setup()
+    callback_times: list[float] = []
     times, epochs = run_stream(
-        group, group_configs, curve, max_t, in_flight=2 * k, before_result=write
+        group,
+        group_configs,
+        curve,
+        max_t,
+        in_flight=2 * k,
+        before_result=write,
+        callback=callback,
+        callback_times=callback_times,
     )
-    evaluations = len(group.decisions)
+    name = f"({n_groups} groups x {k}; N = {n:,}, C = {c})"
+    print(_row(f"PostHocASHA, `val/swa+ens+ts/nll` {name}", times, epochs))
+    print(_row(f"its callback (values into results) {name}", callback_times, epochs))
+    start = time.perf_counter()
+    callback.on_experiment_end([])  # the end-of-run pass over the groups it has seen
+    end_ms = 1e3 * (time.perf_counter() - start)
+    rungs = len(group.decisions)
+    evaluations = len(pht.ensemble_table(store)) // len(METRICS)
     print(
-        _row(
-            f"PostHocASHA, `val/swa+ens+ts/nll` ({n_groups} groups x {k}; N = {n:,}, C = {c})",
-            times,
-            epochs,
-        )
+        f"\nGroup run: {epochs:,} of {n_groups * k * max_t:,} epochs run; {rungs} rung "
+        f"decisions; {evaluations} ensemble evaluations in all (one per group and epoch all "
+        f"its members reached); the callback's end-of-run pass took {end_ms:.1f} ms."
     )
+    total = {name: 1e3 * sum(t) for name, t in (("s", times), ("c", callback_times))}
     print(
-        f"\nGroup run: {evaluations} ensemble evaluations (one per group and rung reached); "
-        f"{epochs:,} of {n_groups * k * max_t:,} epochs run."
+        f"Driver time over the run: scheduler {total['s']:.0f} ms, callback {total['c']:.0f} ms "
+        f"({total['c'] / epochs:.2f} ms per result)."
     )
 
 

@@ -3,11 +3,12 @@
 The seeds of one configuration are its ensemble members; their ensemble exists only on the
 driver, which alone can see every member's predictions. Schedulers (PostHocASHA) and
 searchers (PostHocSearch) share this one implementation. An evaluation reads each member's
-stored logits at one common epoch and applies the transform exactly as DESIGN.md defines it
-(SWA variant -> member TS -> combine -> ensemble TS), reusing the member temperatures the
-reporter recorded with the logits instead of refitting them. Values are cached per
-(group, epoch, transform) and published to the store (``posthoc/ensembles/``), so tables see
-them and a restarted driver does not recompute them.
+stored logits at one common epoch and applies the transform in the order of the paper's code
+(its ``base+swa+ts+ens+ts`` pipeline: SWA variant -> member TS -> combine -> ensemble TS; see
+``docs/sources.md``), reusing the member temperatures the reporter recorded with the logits
+instead of refitting them. Values are cached per (group, epoch, transform) and published to the
+store (``posthoc/ensembles/``), so tables see them and a restarted driver does not recompute
+them.
 """
 
 from __future__ import annotations
@@ -207,10 +208,6 @@ class EnsembleEvaluator:
                 group, epoch, f"{transform.replace('+', '-')}.{self.ensemble}", _table([value])
             )
         return value
-
-    def get(self, group: str, epoch: int, transform: str) -> EnsembleValue | None:
-        """A cached evaluation, if any."""
-        return self._cache.get((group, epoch, transform))
 
     def load(self) -> int:
         """Fill the cache from the values persisted in the store (after a driver restart);

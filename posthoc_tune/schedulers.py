@@ -161,6 +161,11 @@ class PostHocASHA(FIFOScheduler):
         return self._metric is not None and parse_metric_key(self._metric)[1].ens
 
     @property
+    def store(self) -> PredictionStore | None:
+        """The store given at construction (None: the experiment's, found from the trials)."""
+        return self._store
+
+    @property
     def callback(self) -> PostHocCallback:
         """The companion ``tune.Callback``; add it to ``RunConfig(callbacks=[...])``."""
         if self._callback is None:
@@ -494,20 +499,6 @@ class PostHocASHA(FIFOScheduler):
             "members",
         ]
         return pd.DataFrame(self._decisions, columns=columns)
-
-    def annotate(self, trial: Trial, result: dict[str, Any]) -> None:
-        """Write the group's ensemble values for the result's epoch into ``result`` (when the
-        driver has computed them), under the result's own metric keys."""
-        if not self.is_group_metric or self._evaluator is None or "epoch" not in result:
-            return
-        arm = self._trial_arm.get(trial.trial_id)
-        if arm is None:
-            return
-        assert self._metric is not None
-        transform = parse_metric_key(self._metric)[1].name
-        value = self._evaluator.get(arm, int(result["epoch"]), transform)
-        if value is not None:
-            result.update(value.values)
 
     # -- state (Tune never saves schedulers; the callback does) -------------------------------
 

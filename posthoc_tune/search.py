@@ -167,6 +167,11 @@ class PostHocSearch(Searcher):
         if scheduler not in self._schedulers:
             self._schedulers.append(scheduler)
 
+    @property
+    def store(self) -> PredictionStore | None:
+        """The store group keys read: the one given, or the experiment's once attached."""
+        return self._store
+
     def attach_store(self, store: PredictionStore) -> None:
         """Use the experiment's store for group keys (unless one was given)."""
         if self._store is None:

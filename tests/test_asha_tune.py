@@ -184,17 +184,19 @@ def test_groups_are_decided_as_a_whole_on_values_recomputable_from_the_store(
             outcomes[group] = "stopped"
     assert set(outcomes.values()) == {"kept", "stopped"}  # both kinds of decision happened
 
-    # Every persisted ensemble value equals the brute-force recomputation from the store,
-    # and equals the value the scheduler judged.
+    # Every persisted ensemble value (one per epoch all members reached) equals the
+    # brute-force recomputation from the store, and equals the value the scheduler judged.
     table = pht.ensemble_table(store)
     assert len(table) and set(table["n_members"]) == {SEEDS}
+    persisted = {}
     for (group, epoch), rows in table.groupby(["group", "epoch"]):
         values = dict(zip(rows["key"], rows["value"], strict=True))
         expected = _recomputed(store, list(rows["members"].iloc[0]), int(epoch))
         for key, value in expected.items():
             assert values[key] == pytest.approx(value, rel=1e-3), (group, epoch, key)
-        judged = decisions[(decisions["arm"] == group) & (decisions["epoch"] == epoch)]
-        assert judged["value"].iloc[0] == values[GROUP_KEY]
+        persisted[(group, int(epoch))] = values[GROUP_KEY]
+    for _, judged in decisions.iterrows():
+        assert judged["value"] == persisted[(judged["arm"], judged["epoch"])]
 
     # The callback wrote each value into the result of the member that completed the rung.
     rows = pd.concat(
@@ -205,6 +207,73 @@ def test_groups_are_decided_as_a_whole_on_values_recomputable_from_the_store(
     ):
         logged = rows[(rows["group"] == group) & (rows["epoch"] == epoch)][GROUP_KEY]
         assert (logged == expected_rows["value"].iloc[0]).any()
+
+
+def _brute_force_curves(results: Any) -> dict[str, dict[int, float]]:
+    """Each group's GROUP_KEY value at every epoch all its members reached, recomputed from
+    the store by the brute-force pipeline."""
+    store = PredictionStore.open(results.experiment_path)
+    members: dict[str, list[Any]] = {}
+    for r in results:
+        members.setdefault(pht.group_key(r.config, SEED_KEY), []).append(r)
+    curves = {}
+    for group, rs in members.items():
+        ids = [r.metrics["trial_id"] for r in rs]
+        common = min(r.metrics["epoch"] for r in rs)
+        curves[group] = {e: _recomputed(store, ids, e)[GROUP_KEY] for e in range(1, common + 1)}
+    return curves
+
+
+def test_result_grid_ranks_groups_by_their_ensemble_values(run_tune: Any) -> None:
+    # The Ray convention: metric and mode in TuneConfig. Rungs at 1, 2, 4, 8: the last
+    # epoch (9) is not a rung, and cut groups' members may run past their cut rung.
+    scheduler = PostHocASHA(max_t=EPOCHS, grace_period=1, reduction_factor=2, seed_key=SEED_KEY)
+    results = run_tune(
+        tune.with_resources(train, {"cpu": 0.66}),
+        _space([0.3, 0.003, 0.1]),
+        tune_config={
+            "scheduler": scheduler,
+            "reuse_actors": False,
+            "metric": GROUP_KEY,
+            "mode": "min",
+        },
+        run_config={"callbacks": [scheduler.callback]},
+    )
+    assert len(results) == 9 and not results.errors
+    curves = _brute_force_curves(results)
+    assert sorted(map(len, curves.values()))[-1] == EPOCHS  # a group ran to the end
+
+    # Every member's last result holds its group's value at the group's last common epoch.
+    epoch_key = pht.ensemble_epoch_key("swa+ens+ts")
+    for r in results:
+        curve = curves[pht.group_key(r.config, SEED_KEY)]
+        assert r.metrics[epoch_key] == max(curve)
+        assert r.metrics[GROUP_KEY] == pytest.approx(curve[max(curve)], rel=1e-3)
+    # get_dataframe() reads each trial's logged results back (Ray's result.json), so a row
+    # holds the group's value known when the member logged its last result, with its epoch.
+    frame = results.get_dataframe()
+    for _, row in frame.iterrows():
+        curve = curves[pht.group_key({"lr": row["config/lr"]}, SEED_KEY)]
+        if np.isnan(row[epoch_key]):  # stopped before its group was first evaluated
+            assert np.isnan(row[GROUP_KEY]) and max(curve) < EPOCHS
+        else:
+            assert row[epoch_key] <= row["epoch"]
+            assert row[GROUP_KEY] == pytest.approx(curve[int(row[epoch_key])], rel=1e-3)
+
+    # get_best_result ranks groups: "last" by the last common epoch's value, "all" by the
+    # best common epoch's value, which is what the leaderboard ranks by.
+    last = {g: c[max(c)] for g, c in curves.items()}
+    best = {g: min(c.values()) for g, c in curves.items()}
+    assert pht.group_key(results.get_best_result().config, SEED_KEY) == min(
+        last, key=last.__getitem__
+    )
+    best_all = pht.group_key(results.get_best_result(scope="all").config, SEED_KEY)
+    assert best_all == min(best, key=best.__getitem__)
+    assert pht.leaderboard(results, GROUP_KEY)["group"].iloc[0] == best_all
+    # Tune's analysis holds one value per common epoch, as if each member had reported them.
+    mean = {g: float(np.mean(list(c.values()))) for g, c in curves.items()}
+    best_avg = pht.group_key(results.get_best_result(scope="avg").config, SEED_KEY)
+    assert best_avg == min(mean, key=mean.__getitem__)
 
 
 def test_a_failing_member_leaves_its_group_decided_on_the_others(run_tune: Any) -> None:
@@ -262,6 +331,13 @@ def test_rung_records_survive_tuner_restore(
     # the good one's record from before the crash; had the records been lost, it would have
     # been the first group at that rung, which always passes.
     assert (trials[trials["group"] == bad]["last"] < EPOCHS).all()
+    # The restored run's ResultGrid ranks groups by their ensembles, those that ended before
+    # the crash included.
+    metrics = [results[i].metrics for i in range(len(results))]
+    assert all(m is not None and np.isfinite(m[GROUP_KEY]) for m in metrics)
+    best = results.get_best_result(GROUP_KEY, "min", scope="all").config
+    assert best is not None and pht.group_key(best, SEED_KEY) == good
+    assert pht.leaderboard(results, GROUP_KEY)["group"].iloc[0] == good
     table = pht.ensemble_table(PredictionStore.open(path))
     first = table[(table["group"] == bad) & (table["key"] == GROUP_KEY)]
     assert list(first["epoch"]) == [1]

@@ -108,8 +108,10 @@ def test_evaluator_caches_persists_and_reloads(store: PredictionStore) -> None:
 
     restarted = EnsembleEvaluator(store)
     assert restarted.load() == 2
-    again = restarted.get("g", 1, "swa+ens+ts")
-    assert again is not None and again.values == fewer.values and again.members == ("m0", "m1")
+    for member in ("m0", "m1"):  # a loaded value is not recomputed: it needs no logits
+        store.delete_epochs(member, [1])
+    again = restarted.evaluate("g", 1, ["m0", "m1"], "swa+ens+ts")
+    assert again.values == fewer.values and again.members == ("m0", "m1")
     assert EnsembleEvaluator(store, ensemble="probs").load() == 0  # another combiner's values
     with pytest.raises(ValueError, match="unknown ensemble combiner 'mean'"):
         EnsembleEvaluator(store, ensemble="mean")  # type: ignore[arg-type]

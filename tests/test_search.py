@@ -123,6 +123,13 @@ def test_told_values_are_the_store_ensembles_and_the_post_hoc_best_wins(run_tune
         assert trial.value == pytest.approx(min(per_epoch.values()), rel=1e-3)
         recomputed[trial.params["x"]] = per_epoch
 
+    # The searcher's members (created one by one) carry their group's values in the
+    # ResultGrid: the last epoch's, and get_best_result(scope="all") ranks by the best epoch.
+    for r in results[GROUP_KEY]:
+        assert r.metrics[GROUP_KEY] == pytest.approx(recomputed[r.config["x"]][EPOCHS], rel=1e-3)
+    best_result = results[GROUP_KEY].get_best_result(GROUP_KEY, "min", scope="all")
+    assert best_result.config["x"] == 0.8
+
     # The leaderboard ranks the same way, with the naive (base) ranking beside it.
     board = pht.leaderboard(results[GROUP_KEY], metric=GROUP_KEY).set_index("config/x")
     assert list(board.index) == [0.8, 0.5, 0.2] and list(board["rank"]) == [1, 2, 3]
