@@ -172,7 +172,8 @@ class PostHocReporter:
         val: ``(x, y)`` tensors, a DataLoader of ``(x, y)`` (no shuffling), or a
             ``(predict, labels)`` pair where ``predict(model, "val")`` returns logits.
         test: same forms as ``val``; optional (test keys are then NaN).
-        store: a :class:`PredictionStore`, an experiment path/URI, or None: inside Tune the
+        store: a :class:`PredictionStore`, an experiment path/URI (the logits go to its
+            ``posthoc/`` folder, created on the first write), or None: inside Tune the
             experiment's own storage (``storage_path``/``storage_filesystem``), outside Tune
             no store.
         seed_key: config key holding the seed; trials differing only in it form a group.

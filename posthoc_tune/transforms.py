@@ -1,7 +1,8 @@
 """Post-hoc transforms: temperature scaling, SWA weight averaging, ensembling, and composition.
 
 Pure PyTorch/numpy: nothing here knows about Ray. Definitions follow the paper's code
-(see DESIGN.md): TS is one temperature fit by minimising val NLL and applied unchanged to
+(rishabh-ranjan/post-hoc-reversal ``src/expt/calibrate.py``, ``utils.py``, ``ensemble.py``; see
+``docs/sources.md``): TS is one temperature fit by minimising val NLL and applied unchanged to
 test; SWA is the equal-weight mean of end-of-epoch weights; an ensemble averages its members'
 temperature-scaled logits at one common epoch.
 """

@@ -1,25 +1,27 @@
 """CIFAR-10-N / CIFAR-100-N ResNet-18 space: the paper's CIFAR-N setting, searched around it.
 
-Sources. The fixed values and the centre of each range are the paper's code defaults
-(``notes/paper-spec.md`` §4.3 and §8.9, from rishabh-ranjan/post-hoc-reversal
-``src/expt/cifar.py``, confirmed by the run arguments saved in its ``nbs/cifar.ipynb``): SGD with
-momentum 0.9, lr 0.1, weight decay 5e-4, cosine schedule to 0 stepped per epoch, 100 epochs,
-batch size 500, ResNet-18 base width 64 (the authors' timm fork's ``width_factor``: stages of
-w, 2w, 4w, 8w channels); data: the 50k CIFAR training images split 40k/5k/5k in index order,
-train, val and test all carrying the chosen CIFAR-N label set. The label-set names are those of
-``cifar.py`` (``worst``, ``aggregate``, ``random1`` ...); for CIFAR-100-N we add the fine/coarse
-suffix, since the code supports both and which one the paper used is an open point (§9).
+Sources (see ``docs/sources.md``). The fixed values and the centre of each range are the
+paper's code defaults (rishabh-ranjan/post-hoc-reversal ``src/expt/cifar.py``, confirmed by the
+run arguments saved in its ``nbs/cifar.ipynb``): SGD with momentum 0.9, lr 0.1, weight decay
+5e-4, cosine schedule to 0 stepped per epoch, 100 epochs, batch size 500, ResNet-18 base width
+64 (the authors' timm fork's ``width_factor``: stages of w, 2w, 4w, 8w channels); data: the 50k
+CIFAR training images split 40k/5k/5k in index order, train, val and test all carrying the
+chosen CIFAR-N label set. The label-set names are those of ``cifar.py`` (``worst``,
+``aggregate``, ``random1`` ...); for CIFAR-100-N we add the fine/coarse suffix, since the code
+supports both and which one the paper used is not known.
 
 Our choices: the ranges searched (lr log-uniform in [0.02, 0.5], weight decay log-uniform in
-[1e-4, 2e-3], width in {32, 64, 128}: the paper shows reversal across ResNet widths on C-10-N
-Worst, but which widths it swept is not known), and the default label sets, the noisiest ones
-(``worst``, ``noisy_fine``), where reversal is strongest. The paper fine-tunes an
+[1e-4, 2e-3], width in {32, 64, 128}: a secondary summary of the paper's figures describes
+reversal across ResNet widths on C-10-N Worst, but which widths it swept is not known), and the
+default label sets, the noisiest ones (``worst``, ``noisy_fine``): the paper's abstract finds
+reversal especially prominent with high label noise. The paper fine-tunes an
 ImageNet-pretrained timm ``resnet18d``; ``examples/cifar10n.py`` trains a CIFAR ResNet-18 (3x3
 stem, no max-pool) from scratch, so its numbers are not the paper's.
 
-Noise rates of the label sets over the 50k images (§4.2): clean 0%, aggregate 9.0%, random1
-17.2%, random2 18.1%, random3 17.6%, worst 40.2%; CIFAR-100-N noisy_fine 40.2%, noisy_coarse
-26.4%. The paper trains 8 runs per configuration; PostHocSearch(n_seeds=...) or
+Noise rates of the label sets over the 50k images (computed by the project from the CIFAR-N
+label files; per split in ``docs/sources.md``): clean 0%, aggregate 9.0%, random1 17.2%, random2
+18.1%, random3 17.6%, worst 40.2%; CIFAR-100-N noisy_fine 40.2%, noisy_coarse 26.4%. The
+paper's Figure 1 ensembles 8 runs per configuration; PostHocSearch(n_seeds=...) or
 ``posthoc_tune.with_seeds`` adds them.
 """
 

@@ -3,8 +3,8 @@
 Sources: the fixed values are those of ``examples/custom_trainable.py``, the project's digits
 example (an MLP with one BatchNorm hidden layer of width 128, SGD + momentum 0.9, weight decay
 5e-4, cosine schedule, batch size 64, 30 epochs, lr grid {0.02, 0.1}). The ranges searched
-around them are our choice. Expect little: the project's offline study
-(``notes/offline-reversal.md``) found only weak reversal on digits at 40% symmetric noise
+around them are our choice. Expect little: the project's offline reference study
+(``docs/sources.md``) found only weak reversal on digits at 40% symmetric noise
 (noisy-test NLL 1.755 -> 1.725 under post-hoc selection) and none at 0% noise, so this space is
 for quick checks of a pipeline, not for showing the effect (use ``search_spaces.mnist1d``).
 Add seeds with ``posthoc_tune.with_seeds``.

@@ -1,10 +1,11 @@
 """LoRA instruction-tuning space for a causal LLM, for the paper's LLM setting.
 
-What the paper gives (``notes/paper-spec.md`` §4.1, §5.1, §9): LLaMA-2-7B instruction-tuned on
-Guanaco and evaluated by perplexity, causal-LM error and MMLU, with a >1.5x MMLU improvement of
-post-hoc over naive selection, and (per the AI-written poster summary, a weak source) 8 runs per
-configuration. Its code for this was not released: the fine-tuning method, optimiser, lr,
-epochs and checkpoint frequency are unknown.
+What the paper gives: its abstract reports a >1.5x MMLU improvement of post-hoc over naive
+selection on LLM instruction tuning; a third-party, AI-written summary of its figures and tables
+(a weak source; see ``docs/sources.md``) names LLaMA-2-7B instruction-tuned on Guanaco,
+evaluated by perplexity, causal-LM error and MMLU, with 8 runs per configuration. Its code for
+this was not released: the fine-tuning method, optimiser, lr, epochs and checkpoint frequency
+are unknown.
 
 So the fixed values and the centre of each range come from another source: QLoRA's recipe for
 this very model and data (artidoro/qlora ``scripts/finetune_llama2_guanaco_7b.sh``: LoRA rank

@@ -1,16 +1,16 @@
 """Tabular MLP space, after the paper's Folktables (ACSIncome) setting.
 
 Source of the fixed values and of the centre of each range: the paper's code defaults
-(``notes/paper-spec.md`` §4.3, from rishabh-ranjan/post-hoc-reversal ``src/expt/folktables_.py``):
+(rishabh-ranjan/post-hoc-reversal ``src/expt/folktables_.py``; see ``docs/sources.md``):
 PyG ``MLP`` with 3 layers (3 linear layers: 2 hidden of width 512, BatchNorm and ReLU), AdamW,
 lr 1e-2, weight decay 0, constant lr (exponential decay factor 1.0), 50 epochs, batch size 256;
 data: ACSIncome, California, 2018 1-year person survey, one-hot categoricals, standardised,
 shuffled with seed 42 and split 80/10/10. The ranges around those values (lr log-uniform in
 [2e-3, 5e-2], width {128, 256, 512, 1024}, layers {2, 3, 4}, weight decay {0, 1e-4, 1e-3,
-1e-2}) are our choice. The paper's table for Folktables is not available to us (§5.4, §9), so
-how strong reversal is there is unknown. The model has BatchNorm: pass the val loader to
-``PostHocReporter`` so that SWA's BatchNorm statistics are re-estimated (its default), as the
-paper does. Add seeds with ``posthoc_tune.with_seeds``.
+1e-2}) are our choice. No numbers from the paper's Folktables results were used, so this space
+makes no claim about how strong reversal is here. The model has BatchNorm: pass the val loader
+to ``PostHocReporter`` so that SWA's BatchNorm statistics are re-estimated (its default), as the
+paper's code does. Add seeds with ``posthoc_tune.with_seeds``.
 """
 
 from __future__ import annotations
