@@ -253,7 +253,7 @@ def test_models_returning_output_objects_are_evaluated_on_their_logits() -> None
     for wrap in (_Output, lambda z: {"logits": z, "loss": None}):
         wrapped = _reporter(_OutputModel(_model(), wrap), d).step()
         assert wrapped == pytest.approx(plain, nan_ok=True)
-    with pytest.raises(TypeError, match="returned a tuple on the val inputs.*val=\\(predict"):
+    with pytest.raises(TypeError, match=r"returned a tuple on the val inputs.*val=\(predict"):
         _reporter(_OutputModel(_model(), lambda z: (z, z)), d).step()
 
 
