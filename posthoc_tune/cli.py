@@ -168,9 +168,11 @@ def _parser() -> argparse.ArgumentParser:
     compact = commands.add_parser(
         "compact",
         help="delete stored predictions that no later selection can use",
-        description="Shrink a finished experiment's prediction store: keep only the epochs "
-        "some naive or post-hoc selection can pick (tables and leaderboards stay the same), "
-        "and drop given trials entirely (e.g. pruned ones).",
+        description="Shrink a finished experiment's prediction store: keep only the logits of "
+        "the epochs some naive or post-hoc selection can pick, after storing every epoch's "
+        "scores, so selection tables, leaderboards and plots stay the same (a replay needs "
+        "the deleted logits); and drop given trials entirely (e.g. pruned ones), which "
+        "removes them from every table.",
     )
     compact.add_argument("experiment", help=EXPERIMENT_HELP)
     compact.add_argument(

@@ -95,7 +95,7 @@ class Experiment:
         self.ensemble: Combiner = ensemble
         self.select_by = select_by
         groups = configurations(self.store)
-        self.max_epochs = _full_budget(self.store, groups)
+        self.max_epochs, self._compacted, self._pruned = _budget(self.store, groups)
         self.seed_key = _seed_key(self.store, self.max_epochs)
         ens = [parse_transform(t).name for t in transforms]
         self._transforms = list(dict.fromkeys([*_SINGLE, *ens]))
@@ -114,8 +114,22 @@ class Experiment:
 
     @property
     def full_compute(self) -> int:
-        """Epochs stored in all: the full budget's compute."""
+        """Epochs stored in all: the full budget's compute (a full-budget store only)."""
+        self._check_replayable(clock=True)
         return sum(self.max_epochs.values())
+
+    def _check_replayable(self, *, clock: bool) -> None:
+        """A replay reads every epoch's logits (refused after a compaction); a clock replay
+        also treats the stored epochs as each trial's whole budget (refused after pruning).
+        Replaying a pruned live run in the order it ran (``order=``) needs neither."""
+        problems = [self._compacted, self._pruned if clock else None]
+        found = [p for p in problems if p is not None]
+        if found:
+            raise ValueError(
+                "a replay needs a full-budget experiment, every trial trained to the same last "
+                "epoch with every epoch stored; here " + "; and ".join(found) + ". Replay a "
+                "run without early stopping, before compacting it"
+            )
 
     def result(self, trial_id: str, epoch: int) -> dict[str, Any]:
         """The result Tune received from ``trial_id`` at ``epoch`` (flattened, as schedulers
@@ -156,6 +170,7 @@ class Experiment:
                 sensitive to it (arms that arrive after better ones are cut, before them
                 kept): average strategies over several seeds.
         """
+        self._check_replayable(clock=order is None)
         if scheduler is None:
             scheduler = FIFOScheduler()
         self._check_metric(scheduler)
@@ -251,36 +266,27 @@ class Experiment:
             )
 
 
-def _full_budget(
+def _budget(
     store: PredictionStore, groups: Mapping[str, tuple[list[str], Any]]
-) -> dict[str, int]:
-    """Each trial's epoch count, after checking that the store holds a full-budget run: a
-    replay feeds the stored curves as if the trials were training, so every trial must have
-    trained to the same last epoch, with every epoch stored. Refuses pruned and compacted
-    experiments with the reason."""
+) -> tuple[dict[str, int], str | None, str | None]:
+    """Each trial's stored epoch count, and what keeps the store from being a full-budget run
+    (None when nothing does): epochs removed by a compaction, trials stopped early."""
     epochs = {m: store.epochs(m) for members, _ in groups.values() for m in members}
     last = max((e[-1] for e in epochs.values() if e), default=0)
-    compacted = sorted(g for g in groups if store.scores(g) is not None)
     gaps = sorted(m for m, e in epochs.items() if e != list(range(1, len(e) + 1)))
     short = sorted(m for m, e in epochs.items() if m not in gaps and len(e) < last)
-    problems = []
-    if compacted or gaps:
+    compacted = pruned = None
+    if gaps or any(store.scores(g) is not None for g in groups):
         where = f": trials {', '.join(gaps[:3])}{', ...' if len(gaps) > 3 else ''}" if gaps else ""
-        problems.append(f"epochs were removed by compact{where}")
+        compacted = f"epochs were removed by compact{where}"
     if short:
         shown = ", ".join(f"{m} at epoch {len(epochs[m])}" for m in short[:3])
         more = ", ..." if len(short) > 3 else ""
-        problems.append(
+        pruned = (
             f"{len(short)} trials stopped before epoch {last} ({shown}{more}): was the "
             f"experiment pruned (e.g. by ASHA)?"
         )
-    if problems:
-        raise ValueError(
-            "a replay needs a full-budget experiment, every trial trained to the same last "
-            "epoch with every epoch stored; here " + "; and ".join(problems) + ". Replay a run "
-            "without early stopping, before compacting it"
-        )
-    return {m: len(e) for m, e in epochs.items()}
+    return {m: len(e) for m, e in epochs.items()}, compacted, pruned
 
 
 def _seed_key(store: PredictionStore, trials: Iterable[str]) -> str:

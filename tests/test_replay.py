@@ -151,22 +151,28 @@ def test_bad_arguments(experiment: Experiment) -> None:
 def test_a_pruned_or_compacted_experiment_is_refused_with_the_reason(
     experiment: Experiment, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    replay = experiment.replay(
-        default_strategies(EPOCHS, reduction_factor=2)["ASHA on val/base/nll"].scheduler,
-        concurrency=2,
-    )
+    def asha() -> Any:
+        return default_strategies(EPOCHS, reduction_factor=2)["ASHA on val/base/nll"].scheduler
+
+    replay = experiment.replay(asha(), concurrency=2)
     pruned = _cut_copy(experiment, replay.epochs, tmp_path / "pruned")
     stopped = sorted(t for t, e in replay.epochs.items() if e < EPOCHS)
     first = f"{stopped[0]} at epoch {replay.epochs[stopped[0]]}"
-    with pytest.raises(
-        ValueError, match=f"{len(stopped)} trials stopped before epoch {EPOCHS} \\({first}"
-    ):
-        Experiment(pruned)
+    message = f"{len(stopped)} trials stopped before epoch {EPOCHS} \\({first}.*pruned"
+    cut = Experiment(pruned)  # selecting from it is fine; simulating a budget is not
+    with pytest.raises(ValueError, match=message):
+        cut.replay(None, concurrency=2)
+    with pytest.raises(ValueError, match=message):
+        compare(cut, default_strategies(EPOCHS, reduction_factor=2))
+    # Replaying the pruned run in the order it ran needs no more than it stored.
+    again = cut.replay(asha(), order=replay.order)
+    assert again.epochs == replay.epochs
     compacted = tmp_path / "compacted"
     shutil.copytree(Path(experiment.store.root).parent, compacted)
     compact(compacted)
-    with pytest.raises(ValueError, match="epochs were removed by compact"):
-        Experiment(compacted)
+    for order in (None, replay.order):
+        with pytest.raises(ValueError, match="epochs were removed by compact"):
+            Experiment(compacted).replay(None, order=order)
     with pytest.raises(SystemExit) as exit_info:  # the CLI says it in one line
         main(["replay", str(compacted)])
     err = capsys.readouterr().err
