@@ -190,6 +190,10 @@ class PostHocReporter:
         eval_batch_size: batch size for ``(x, y)`` tensor splits.
         trial_id: trial id outside Tune (inside Tune, Tune's trial id is used).
         store_dtype: ``"float32"`` or ``"float16"`` for the store opened by the reporter.
+        report: inside Tune, pass each step's metrics to ``tune.report``. False: compute,
+            store and return them only, for trainers that report themselves (Lightning, the
+            Hugging Face Trainer) and users who report their own way; the checkpoints are
+            then theirs too (``checkpoint=`` is refused; save :meth:`state_dict`).
     """
 
     def __init__(
@@ -208,9 +212,17 @@ class PostHocReporter:
         eval_batch_size: int = 1024,
         trial_id: str = "local",
         store_dtype: Dtype = "float32",
+        report: bool = True,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(report, bool):
+            raise TypeError(f"report must be a bool, got {report!r}")
+        if not report and checkpoint is not None:
+            raise ValueError(
+                "checkpoint= passes checkpoints to tune.report, which report=False never "
+                "calls: checkpoint PostHocReporter.state_dict() with your trainer's checkpoints"
+            )
         if not isinstance(config, Mapping):
             raise TypeError(f"config must be a mapping, got {type(config).__name__}")
         for name, value in (
@@ -228,6 +240,7 @@ class PostHocReporter:
         self._scalers = {v: TemperatureScaler(warm_start=True) for v in VARIANTS}
         self._checkpoint = dict(checkpoint) if checkpoint is not None else None
         self.checkpoint_every = checkpoint_every
+        self.report = report
         self.epoch = 0
         self._labels_written = False
 
@@ -276,7 +289,8 @@ class PostHocReporter:
     # -- the per-epoch step -------------------------------------------------------------------
 
     def step(self, metrics: Mapping[str, Any] | None = None) -> dict[str, float]:
-        """Finish one epoch: SWA update, evaluation, TS, store write, ``tune.report``.
+        """Finish one epoch: SWA update, evaluation, TS, store write, ``tune.report`` (unless
+        ``report=False``).
 
         ``metrics`` are extra values to report (e.g. the training loss). Returns everything
         reported, as floats.
@@ -302,7 +316,7 @@ class PostHocReporter:
         if self.store is not None:  # before tune.report: the driver may read it once reported
             temperatures = {v: result[f"temperature/{v}"] for v in variants}
             self._write(logits, labels, temperatures)
-        if self.in_tune:
+        if self.in_tune and self.report:
             self._report(result)
         return result
 

@@ -199,6 +199,10 @@ def test_bad_inputs_get_clear_errors() -> None:
         _reporter(_model(), d).step({"hist": [1, 2]})
     with pytest.raises(ValueError, match="checkpoint_every must be an int >= 1"):
         _reporter(_model(), d, checkpoint_every=0)
+    with pytest.raises(ValueError, match="which report=False never calls"):
+        _reporter(_model(), d, checkpoint={}, report=False)
+    with pytest.raises(TypeError, match="report must be a bool, got 'no'"):
+        _reporter(_model(), d, report="no")
 
 
 NON_INTEGER_LABELS = {

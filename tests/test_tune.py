@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
@@ -134,3 +135,32 @@ def test_float_labels_fail_the_trial_with_the_split_and_dtype_named(run_tune: An
     assert "val labels must have an integer dtype, got torch.float32" in str(results.errors[0])
     # Nothing was stored: the refusal comes before the first write.
     assert not PredictionStore.open(results.experiment_path).trials()
+
+
+def report_myself(config: dict[str, Any]) -> None:
+    """The reporter computes and stores; the trainable reports (once per epoch) itself."""
+    d = ref.linear_teacher(ref.TEACHER_IN, ref.TEACHER_CLASSES, {"": 80, "_val": 40}, noise=1.0)
+    model = ref.bn_mlp(ref.TEACHER_IN, ref.TEACHER_CLASSES)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    reporter = pht.PostHocReporter(model, config, val=(d["x_val"], d["y_val"]), report=False)
+    for _ in range(3):
+        ref.full_batch_step(model, opt, d["x"], d["y"])
+        metrics = reporter.step()
+        tune.report({"mine/nll": metrics["val/swa+ts/nll"], "epoch": metrics["epoch"]})
+
+
+def test_report_false_computes_and_stores_but_leaves_reporting_to_the_trainable(
+    run_tune: Any,
+) -> None:
+    results = run_tune(report_myself, {"seed": 0}, name="report_myself")
+    assert not results.errors
+    rows = _result_rows(results[0])
+    assert [r["epoch"] for r in rows] == [1, 2, 3]  # one Tune iteration per epoch, not two
+    assert "val/swa+ts/nll" not in rows[-1]
+    store = PredictionStore.open(results.experiment_path)
+    trial = rows[-1]["trial_id"]
+    assert store.epochs(trial) == [1, 2, 3]
+    for row in rows:  # what the trainable reported is the value of the stored SWA logits
+        z = store.read(trial, row["epoch"], "val", "swa")
+        t = store.temperatures(trial, row["epoch"])["swa"]
+        assert row["mine/nll"] == pytest.approx(ref.nll(z / t, store.labels("val")), rel=1e-4)
