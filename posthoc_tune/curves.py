@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from posthoc_tune.groups import without_path
 from posthoc_tune.keys import METRICS, SPLITS, parse_transform
 from posthoc_tune.metrics import evaluate
 from posthoc_tune.store import PredictionStore, VariantParts
@@ -50,7 +51,7 @@ def configurations(store: PredictionStore) -> dict[str, tuple[list[str], dict[st
     groups: dict[str, tuple[list[str], dict[str, Any]]] = {}
     for trial_id in store.trials():
         meta = store.metadata(trial_id)
-        config = {k: v for k, v in meta["config"].items() if k != meta["seed_key"]}
+        config = without_path(meta["config"], meta["seed_key"])
         groups.setdefault(meta["group"], ([], config))[0].append(trial_id)
     if not groups:
         raise ValueError(f"the store at {store.root!r} holds no trials")

@@ -1,9 +1,14 @@
 """Seed groups: trials whose configs differ only in the seed key are one configuration.
 
 A group is the unit that ensembles, PostHocASHA and PostHocSearch reason about. The group key
-is a stable hash of the config without the seed key and without Tune-internal keys (names
-starting with ``__``, such as ``__trial_index__``), so it is identical on every node and
-across restarts.
+is a stable hash of the config without the seed and without Tune-internal keys (top-level
+names starting with ``__``, such as ``__trial_index__``, the only place Tune adds them), so it
+is identical on every node and across restarts.
+
+A seed key may be a path: ``"train_loop_config/seed"`` is ``config["train_loop_config"]["seed"]``
+("/" separates levels, as in the nested paths of Tune and Optuna), for Ray Train's
+``TorchTrainer`` whose trainable receives ``train_loop_config``. A top-level key spelled
+exactly like the path wins: a flat config keeps meaning what it meant before paths.
 """
 
 from __future__ import annotations
@@ -46,26 +51,111 @@ def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any
     return out
 
 
-def _group_part(config: Mapping[str, Any], seed_key: str) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k != seed_key and not str(k).startswith("__")}
+def unflatten_config(params: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"a/b": 1}`` -> ``{"a": {"b": 1}}``: Tune's nested spaces, as Optuna names them."""
+    out: dict[str, Any] = {}
+    for name, value in params.items():
+        out = with_path(out, name, value)
+    return out
+
+
+def check_seed_key(key: object) -> None:
+    """Refuse a key that cannot name a seed: a non-empty name or "a/b" path is expected."""
+    if not isinstance(key, str) or "" in key.split("/"):
+        raise ValueError(
+            f"seed_key must be a non-empty name or 'a/b' path without empty levels, got {key!r}"
+        )
+
+
+def _levels(config: Mapping[str, Any], key: str) -> list[str]:
+    """The levels of the seed key ``key`` in ``config``: the literal top-level key when
+    ``config`` has it, else the "/"-separated parts."""
+    return [key] if key in config else key.split("/")
+
+
+def _find(config: Mapping[str, Any], key: str) -> tuple[bool, Any, str]:
+    """(found, the value at ``key``, where the path broke when not found)."""
+    node: Any = config
+    levels = _levels(config, key)
+    for depth, level in enumerate(levels):
+        where = repr("/".join(levels[:depth])) if depth else "config"
+        if not isinstance(node, Mapping):
+            return False, None, f"{where} holds {node!r}, not a dict"
+        if level not in node:
+            return False, None, f"{where} has keys {sorted(map(str, node))}"
+        node = node[level]
+    return True, node, ""
+
+
+def has_path(config: Mapping[str, Any], key: str) -> bool:
+    """Whether ``config`` has a value at the seed key ``key`` (a name or an "a/b" path)."""
+    return _find(config, key)[0]
+
+
+def get_path(config: Mapping[str, Any], key: str) -> Any:
+    """The value at the seed key ``key`` (a name or an "a/b" path), or None."""
+    return _find(config, key)[1]
+
+
+def without_path(config: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """A copy of ``config`` without the value at ``key`` and without the dicts that held only
+    it (as :func:`with_path` creates them); an unchanged copy when ``config`` has none. Only
+    the dicts along the path are copied."""
+    if not has_path(config, key):
+        return dict(config)
+    levels = _levels(config, key)
+    out = dict(config)
+    parents = [out]
+    for level in levels[:-1]:
+        child = dict(parents[-1][level])
+        parents[-1][level] = child
+        parents.append(child)
+    del parents[-1][levels[-1]]
+    for depth in range(len(levels) - 1, 0, -1):  # innermost first
+        if parents[depth]:
+            break
+        del parents[depth - 1][levels[depth - 1]]
+    return out
+
+
+def with_path(config: Mapping[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """A copy of ``config`` with ``value`` at ``key``, creating the missing dicts along the
+    path; only the dicts along it are copied."""
+    levels = _levels(config, key)
+    out = dict(config)
+    node = out
+    for depth, level in enumerate(levels[:-1]):
+        child = node.get(level, {})
+        if not isinstance(child, Mapping):
+            path = "/".join(levels[: depth + 1])
+            raise ValueError(
+                f"cannot put {key!r} in the config: {path!r} holds {child!r}, where a dict "
+                f"was expected"
+            )
+        node[level] = dict(child)
+        node = node[level]
+    node[levels[-1]] = value
+    return out
 
 
 def group_key(config: Mapping[str, Any], seed_key: str = "seed") -> str:
-    """Stable 16-hex-digit hash of ``config`` minus ``seed_key`` and Tune-internal keys."""
+    """Stable 16-hex-digit hash of ``config`` minus the seed at ``seed_key`` (a name or an
+    "a/b" path) and Tune-internal keys."""
     if not isinstance(config, Mapping):
         raise TypeError(f"config must be a mapping, got {type(config).__name__}")
-    canonical = json.dumps(jsonable(_group_part(config, seed_key)), sort_keys=True)
+    part = {k: v for k, v in without_path(config, seed_key).items() if not str(k).startswith("__")}
+    canonical = json.dumps(jsonable(part), sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 def member_seed(config: Mapping[str, Any], seed_key: str = "seed") -> int:
-    """The member index of a trial in its group: its integer seed."""
-    if seed_key not in config:
+    """The member index of a trial in its group: its integer seed at ``seed_key``."""
+    found, seed, broke = _find(config, seed_key)
+    if not found:
         raise ValueError(
-            f"config has no seed key {seed_key!r} (keys: {sorted(map(str, config))}); "
-            f"build the param_space with posthoc_tune.with_seeds(space, n, key={seed_key!r})"
+            f"config has no seed key {seed_key!r}: {broke}; build the param_space with "
+            f"posthoc_tune.with_seeds(space, n, key={seed_key!r})"
         )
-    seed = config[seed_key]
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise ValueError(f"seed {seed_key!r} must be an int, got {seed!r}")
     return int(seed)
@@ -74,13 +164,14 @@ def member_seed(config: Mapping[str, Any], seed_key: str = "seed") -> int:
 def with_seeds(param_space: Mapping[str, Any], n: int, key: str = "seed") -> dict[str, Any]:
     """Return a copy of ``param_space`` in which every configuration runs as ``n`` seeds.
 
-    Adds ``key: tune.grid_search([0, ..., n-1])``. Tune orders grid trials by sorted key
-    path, the first path varying fastest; group decisions (PostHocASHA) come soonest when a
-    configuration's members run together, so name the seed key to sort first (e.g.
-    ``key="_seed"``) or use PostHocSearch, which launches them consecutively. Tune's default
-    variant generator draws
-    random domains afresh for each grid point, which would give the seeds of one
-    "configuration" different hyperparameters; with random domains in the space, pass
+    Adds ``tune.grid_search([0, ..., n-1])`` at ``key``, a name or an "a/b" path (dicts
+    created as needed, e.g. ``"train_loop_config/seed"`` for Ray Train's ``TorchTrainer``).
+    Tune orders grid trials by sorted key path, the first path varying fastest; group
+    decisions (PostHocASHA) come soonest when a configuration's members run together, so name
+    the seed key to sort first (e.g. ``key="_seed"``) or use PostHocSearch, which launches them
+    consecutively. Tune's default variant generator draws random domains afresh for each grid
+    point, which would give the seeds of one "configuration" different hyperparameters; with
+    random domains in the space, pass
     ``search_alg=BasicVariantGenerator(constant_grid_search=True)`` (a warning says so) or use
     PostHocSearch.
     """
@@ -91,13 +182,13 @@ def with_seeds(param_space: Mapping[str, Any], n: int, key: str = "seed") -> dic
         raise TypeError(f"param_space must be a mapping, got {type(param_space).__name__}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n (seeds per configuration) must be an int >= 1, got {n!r}")
-    if not isinstance(key, str) or not key:
-        raise ValueError(f"seed key must be a non-empty string, got {key!r}")
-    if key in param_space:
+    check_seed_key(key)
+    if has_path(param_space, key):
         raise ValueError(
             f"param_space already has the seed key {key!r}; with_seeds adds it, so remove it "
             f"or pass another key"
         )
+    space = with_path(copy.deepcopy(dict(param_space)), key, tune.grid_search(list(range(n))))
 
     def has_random(space: Any) -> bool:
         if isinstance(space, Domain):
@@ -114,6 +205,4 @@ def with_seeds(param_space: Mapping[str, Any], n: int, key: str = "seed") -> dic
             UserWarning,
             stacklevel=2,
         )
-    space = copy.deepcopy(dict(param_space))
-    space[key] = tune.grid_search(list(range(n)))
     return space

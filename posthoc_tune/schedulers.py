@@ -34,7 +34,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from posthoc_tune._rungs import Bracket
 from posthoc_tune.ensemble import EnsembleEvaluator, shared_evaluator
-from posthoc_tune.groups import group_key, member_seed
+from posthoc_tune.groups import check_seed_key, group_key, member_seed
 from posthoc_tune.keys import check_objective, parse_metric_key
 from posthoc_tune.store import PredictionStore
 from posthoc_tune.transforms import Combiner
@@ -81,7 +81,7 @@ class PostHocASHA(FIFOScheduler):
             to the milestone, as post-hoc selection keeps the best epoch. For group keys
             ``"best"`` is the best over the rungs evaluated so far (ensembles are computed only
             at rungs).
-        seed_key: the config key that separates the members of one group.
+        seed_key: the config key (or "a/b" path) that separates the members of one group.
         ensemble: ensemble combiner for group keys: ``"logits"`` (the paper) or ``"probs"``.
         stop_last_trials: stop trials at ``max_t`` (as in Ray).
         store: where group keys read members' predictions: a :class:`PredictionStore`, an
@@ -119,8 +119,7 @@ class PostHocASHA(FIFOScheduler):
             raise ValueError(f"brackets must be an int >= 1, got {brackets!r}")
         if rung_value not in ("last", "best"):
             raise ValueError(f"rung_value must be 'last' or 'best', got {rung_value!r}")
-        if not isinstance(seed_key, str) or not seed_key:
-            raise ValueError(f"seed_key must be a non-empty string, got {seed_key!r}")
+        check_seed_key(seed_key)
         if ensemble not in ("logits", "probs"):
             raise ValueError(f"ensemble must be 'logits' or 'probs', got {ensemble!r}")
         if not isinstance(stop_last_trials, bool):

@@ -25,7 +25,13 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from posthoc_tune.ensemble import EnsembleEvaluator, shared_evaluator
-from posthoc_tune.groups import flatten_config
+from posthoc_tune.groups import (
+    check_seed_key,
+    flatten_config,
+    has_path,
+    unflatten_config,
+    with_path,
+)
 from posthoc_tune.keys import check_objective, parse_metric_key
 from posthoc_tune.store import PredictionStore
 from posthoc_tune.transforms import Combiner
@@ -67,7 +73,8 @@ class PostHocSearch(Searcher):
         mode: ``"min"`` or ``"max"``; may come from ``TuneConfig``.
         n_seeds: K, the seeds (ensemble members) per configuration; ``num_samples`` must be
             configurations x K.
-        seed_key: the config key receiving the seed; it must not be in the space.
+        seed_key: the config key (or "a/b" path, e.g. ``"train_loop_config/seed"``)
+            receiving the seed; it must not be in the space.
         sampler: an Optuna sampler; default ``TPESampler(seed=0)``.
         objective: ``"best"``: the best scored epoch (post-hoc selection over epochs);
             ``"last"``: the last scored epoch.
@@ -106,8 +113,7 @@ class PostHocSearch(Searcher):
         check_objective(metric, mode)
         if isinstance(n_seeds, bool) or not isinstance(n_seeds, int) or n_seeds < 1:
             raise ValueError(f"n_seeds must be an int >= 1, got {n_seeds!r}")
-        if not isinstance(seed_key, str) or not seed_key:
-            raise ValueError(f"seed_key must be a non-empty string, got {seed_key!r}")
+        check_seed_key(seed_key)
         if sampler is not None and not isinstance(sampler, optuna.samplers.BaseSampler):
             raise TypeError(f"sampler must be an optuna sampler, got {type(sampler).__name__}")
         if objective not in ("best", "last"):
@@ -196,11 +202,14 @@ class PostHocSearch(Searcher):
         return True
 
     def _convert(self, space: Mapping[str, Any]) -> Distributions:
-        if self.seed_key in space:
+        # The shape of the configs suggest() builds: parameters nested at their "a/b" paths.
+        shape = unflatten_config(flatten_config(space))
+        if has_path(shape, self.seed_key):
             raise ValueError(
                 f"the search space contains the seed key {self.seed_key!r}: PostHocSearch "
                 f"assigns seeds 0..{self.n_seeds - 1} itself; remove it (or use another seed_key)"
             )
+        with_path(shape, self.seed_key, 0)  # refuses a parameter where the path needs a dict
         if all(isinstance(v, optuna.distributions.BaseDistribution) for v in space.values()):
             return dict(space)
         return dict(OptunaSearch.convert_search_space(dict(space)))
@@ -239,7 +248,7 @@ class PostHocSearch(Searcher):
         group = self._groups[number]
         group.members[trial_id] = seed
         self._trial_group[trial_id] = number
-        return {**_unflatten(group.params), self.seed_key: seed}
+        return with_path(unflatten_config(group.params), self.seed_key, seed)
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         group = self._group_of(trial_id)
@@ -389,15 +398,3 @@ class PostHocSearch(Searcher):
             self._study = optuna.load_study(
                 study_name=state["study_name"], storage=self._storage, sampler=state["sampler"]
             )
-
-
-def _unflatten(params: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"a/b": 1}`` -> ``{"a": {"b": 1}}`` (Tune's nested spaces, flattened by Optuna)."""
-    out: dict[str, Any] = {}
-    for name, value in params.items():
-        *parents, leaf = name.split("/")
-        node = out
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return out

@@ -31,7 +31,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from posthoc_tune._arrays import ArrayLike, integer_tensor, to_numpy
-from posthoc_tune.groups import group_key, jsonable
+from posthoc_tune.groups import get_path, group_key, jsonable
 from posthoc_tune.keys import SPLITS, VARIANTS, check_name
 
 FORMAT_VERSION = 1
@@ -186,14 +186,15 @@ class PredictionStore:
     def write_metadata(
         self, trial_id: str, config: Mapping[str, Any], seed_key: str = "seed"
     ) -> None:
-        """Store a trial's config, group key and seed (``None`` when the config has no seed)."""
+        """Store a trial's config, group key, ``seed_key`` (a name or "a/b" path, as given) and
+        the seed at it (``None`` when the config has no seed)."""
         _check_id(trial_id)
         meta = {
             "format_version": FORMAT_VERSION,
             "trial_id": trial_id,
             "group": group_key(config, seed_key),
             "seed_key": seed_key,
-            "seed": jsonable(config.get(seed_key)),
+            "seed": jsonable(get_path(config, seed_key)),
             "config": jsonable(dict(config)),
         }
         data = json.dumps(meta, sort_keys=True, indent=1).encode()

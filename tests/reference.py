@@ -179,10 +179,13 @@ def synthetic_store(
     n_classes: int,
     n_val: int = 80,
     n_test: int = 70,
+    seed_key: str = "seed",
 ) -> PredictionStore:
     """A store of known random logits: for each configuration (name -> signal strength, never
     separable so TS is well posed) and seed, base curves that go up and down and SWA curves
-    that keep improving. Metadata configs are ``{"cfg": name, "seed": seed}``."""
+    that keep improving. Metadata configs are ``{"cfg": name, "seed": seed}``, nested in the
+    dicts a ``seed_key`` path names (``"run/seed"``: ``{"run": {"cfg": name, "seed": seed}}``);
+    the logits do not depend on ``seed_key``."""
     rng = np.random.default_rng(0)
     s = PredictionStore.open(root)
     y = {"val": rng.integers(0, n_classes, n_val), "test": rng.integers(0, n_classes, n_test)}
@@ -191,7 +194,11 @@ def synthetic_store(
     for name, strength in configs.items():
         for seed in range(seeds):
             trial_id = f"{name}{seed}"
-            s.write_metadata(trial_id, {"cfg": name, "seed": seed})
+            *parents, leaf = seed_key.split("/")
+            config: dict[str, Any] = {"cfg": name, leaf: seed}
+            for parent in reversed(parents):
+                config = {parent: config}
+            s.write_metadata(trial_id, config, seed_key)
             for epoch in range(1, epochs + 1):
                 parts = {}
                 for split, labels in y.items():

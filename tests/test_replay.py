@@ -179,29 +179,36 @@ def test_a_pruned_or_compacted_experiment_is_refused_with_the_reason(
     assert exit_info.value.code == 2 and err.count("\n") == 1 and "removed by compact" in err
 
 
+@pytest.mark.parametrize("seed_key", ["_seed", "train_loop_config/seed"])
 def test_the_seed_key_comes_from_the_store(
-    experiment: Experiment, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    experiment: Experiment, tmp_path: Path, capsys: pytest.CaptureFixture[str], seed_key: str
 ) -> None:
-    """A run built with ``with_seeds(..., key="_seed")`` (as the README advises) replays
-    without being told the key again."""
+    """A run built with ``with_seeds(..., key="_seed")`` (as the README advises), or with the
+    seed at a path (Ray Train's ``train_loop_config``), replays without being told the key
+    again."""
     path = tmp_path / "exp"
     shutil.copytree(Path(experiment.store.root).parent, path)
     store = PredictionStore.open(path)
     for trial in store.trials():
         config = store.metadata(trial)["config"]
-        store.write_metadata(trial, {"cfg": config["cfg"], "_seed": config["seed"]}, "_seed")
-    renamed = Experiment(path)
-    assert renamed.seed_key == "_seed" and experiment.seed_key == "seed"
-    ours = default_strategies(EPOCHS, reduction_factor=2, seed_key=renamed.seed_key)
+        if seed_key == "_seed":
+            renamed = {"cfg": config["cfg"], "_seed": config["seed"]}
+        else:
+            renamed = {"train_loop_config": {"cfg": config["cfg"], "seed": config["seed"]}}
+        store.write_metadata(trial, renamed, seed_key)
+    replayed = Experiment(path)
+    assert replayed.seed_key == seed_key and experiment.seed_key == "seed"
+    ours = default_strategies(EPOCHS, reduction_factor=2, seed_key=replayed.seed_key)
     theirs = default_strategies(EPOCHS, reduction_factor=2)
     key = "PostHocASHA on val/swa+ens+ts/nll"
     # Same groups, same decisions as on the store with the default key.
     assert (
-        renamed.replay(ours[key].scheduler, concurrency=2).epochs
+        replayed.replay(ours[key].scheduler, concurrency=2).epochs
         == experiment.replay(theirs[key].scheduler, concurrency=2).epochs
     )
-    with pytest.raises(ValueError, match=r"stored with the seed key '_seed'.*seed_key='_seed'"):
-        renamed.replay(PostHocASHA(metric="val/swa+ens+ts/nll", mode="min", max_t=EPOCHS))
+    expected = f"stored with the seed key '{seed_key}'.*seed_key='{seed_key}'"
+    with pytest.raises(ValueError, match=expected):
+        replayed.replay(PostHocASHA(metric="val/swa+ens+ts/nll", mode="min", max_t=EPOCHS))
     assert main(["replay", str(path), "--grace-period", "1", "--reduction-factor", "2"]) == 0
     assert "PostHocASHA on val/swa+ens+ts/nll" in capsys.readouterr().out
 

@@ -7,6 +7,8 @@ real ``Trial`` objects; per-trial keys never touch the controller.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -166,7 +168,8 @@ def test_nan_ranks_worst_where_ray_lets_it_pass() -> None:
         ({"reduction_factor": 1}, "reduction_factor must be a number > 1, got 1"),
         ({"brackets": 0}, "brackets must be an int >= 1, got 0"),
         ({"rung_value": "mean"}, "rung_value must be 'last' or 'best', got 'mean'"),
-        ({"seed_key": ""}, "seed_key must be a non-empty string"),
+        ({"seed_key": ""}, "seed_key must be a non-empty name or 'a/b' path"),
+        ({"seed_key": "run//seed"}, "without empty levels, got 'run//seed'"),
         ({"ensemble": "votes"}, "ensemble must be 'logits' or 'probs', got 'votes'"),
         ({"time_attr": ""}, "time_attr must be a non-empty string"),
     ],
@@ -331,3 +334,37 @@ def test_a_retried_member_is_waited_for_and_one_failed_for_good_is_left_out(
     assert (last["milestone"], last["n_members"], last["decision"]) == (9, 2, "FINAL")
     assert last["members"] == ["good_0", "good_2"]
     assert not scheduler.pruned_trials
+
+
+def test_a_seed_key_path_groups_members_by_the_rest_of_their_config(
+    group_store: PredictionStore,
+) -> None:
+    """Ray Train's TorchTrainer: the seed sits in the trainable's ``train_loop_config``."""
+    scheduler = PostHocASHA(
+        metric="val/swa+ens+ts/nll",
+        mode="min",
+        max_t=9,
+        reduction_factor=3,
+        seed_key="train_loop_config/seed",
+        store=group_store,
+    )
+    scheduler.callback.setup()
+    tc = _Controller(scheduler)
+    groups = {
+        name: [
+            Trial("t", stub=True, trial_id=f"{name}_{s}", config={"train_loop_config": config})
+            for s, config in enumerate({"c": name, "seed": s} for s in range(3))
+        ]
+        for name in ("good", "bad")
+    }
+    for trial in (t for members in groups.values() for t in members):
+        trial.status = Trial.RUNNING
+        scheduler.on_trial_add(tc, trial)
+    actions = [scheduler.on_trial_result(tc, t, _result(1)) for t in groups["good"] + groups["bad"]]
+    assert actions == ["CONTINUE"] * 5 + ["STOP"] and sorted(tc.stopped) == ["bad_0", "bad_1"]
+    arms = [
+        hashlib.sha256(json.dumps({"train_loop_config": {"c": c}}).encode()).hexdigest()[:16]
+        for c in ("good", "bad")
+    ]
+    assert list(scheduler.decisions["arm"]) == arms
+    assert list(scheduler.decisions["n_members"]) == [3, 3]

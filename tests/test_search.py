@@ -183,6 +183,7 @@ def test_groups_pruned_by_posthoc_asha_are_told_pruned(run_tune: Any) -> None:
         ({"mode": "low"}, ValueError, "mode must be 'min' or 'max', got 'low'"),
         ({"sampler": "tpe"}, TypeError, "sampler must be an optuna sampler"),
         ({"space": {"x": tune.uniform(0, 1), "seed": 1}}, ValueError, "contains the seed key"),
+        ({"seed_key": "run/"}, ValueError, "without empty levels, got 'run/'"),
     ],
 )
 def test_bad_arguments_get_clear_errors(
@@ -205,6 +206,35 @@ def test_bad_tune_setups_get_clear_errors() -> None:
     assert suggested is not None and set(suggested) == {"x", "seed"}
     with pytest.raises(RuntimeError, match=r"reads the prediction store: add PostHocCallback"):
         group.on_trial_result("t0", {"epoch": 1, GROUP_KEY: math.nan})
+
+
+def test_a_seed_key_path_puts_the_seed_inside_the_nested_config() -> None:
+    """Ray Train's TorchTrainer: the trainable's config is ``train_loop_config``."""
+    space = {"train_loop_config": {"lr": tune.loguniform(1e-3, 1e-1), "width": tune.choice([8])}}
+    search = PostHocSearch(
+        space, metric="val/swa/nll", mode="min", n_seeds=3, seed_key="train_loop_config/seed"
+    )
+    configs = [search.suggest(f"t{i}") for i in range(6)]
+    lrs = [t.params["train_loop_config/lr"] for t in search.study.trials]
+    assert len(set(lrs)) == 2  # two configurations, each as three seeds
+    assert configs == [
+        {"train_loop_config": {"lr": lr, "width": 8, "seed": seed}}
+        for lr in lrs
+        for seed in range(3)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("space", "message"),
+    [
+        ({"run": {"x": tune.uniform(0, 1), "seed": 1}}, "contains the seed key 'run/seed'"),
+        ({"run/seed": optuna.distributions.IntDistribution(0, 3)}, "contains the seed key"),
+        ({"run": tune.uniform(0, 1)}, r"'run' holds .*, where a dict was expected"),
+    ],
+)
+def test_a_space_holding_the_seed_path_is_refused(space: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        PostHocSearch(space, n_seeds=2, seed_key="run/seed")
 
 
 @pytest.mark.parametrize(

@@ -3,15 +3,17 @@ paper's selection procedures written here from their definitions."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 from ray import tune
 
-from posthoc_tune import PredictionStore, StoreError, selection_table, with_seeds
+from posthoc_tune import PredictionStore, StoreError, leaderboard, selection_table, with_seeds
 from posthoc_tune.datasets import load
 from posthoc_tune.demo import train_mlp
 from tests import reference as ref
@@ -139,6 +141,33 @@ def test_progress_bar_counts_trials(
     assert err.count("trials") == len(CONFIGS) and err.rstrip().endswith(
         f"{len(CONFIGS) * SEEDS}/{len(CONFIGS) * SEEDS} trials"
     )
+
+
+def test_a_seed_key_path_forms_the_same_configurations(
+    store: PredictionStore, tmp_path: Path
+) -> None:
+    """The same logits stored with the seed at ``run/seed``: the same groups and values as the
+    flat store, whose values the tests above check against numpy."""
+    nested = ref.synthetic_store(
+        tmp_path, CONFIGS, SEEDS, EPOCHS, C, n_test=N_TEST, seed_key="run/seed"
+    )
+    transforms = ["swa+ts", "swa+ens+ts"]
+    renamed = {json.dumps({"cfg": c}): json.dumps({"run": {"cfg": c}}) for c in CONFIGS}
+    pd.testing.assert_frame_equal(
+        selection_table(nested, transforms=transforms),
+        selection_table(store, transforms=transforms)
+        .rename(index=renamed, level="config")
+        .replace(renamed),  # the naive/ and posthoc/ config columns
+    )
+    board = leaderboard(nested)
+    groups = {
+        hashlib.sha256(json.dumps({"run": {"cfg": c}}).encode()).hexdigest()[:16]: c
+        for c in CONFIGS
+    }
+    assert dict(zip(board["group"], board["config/run/cfg"], strict=True)) == groups
+    assert list(board["n_members"]) == [SEEDS] * len(CONFIGS)
+    flat = leaderboard(store)
+    pd.testing.assert_series_equal(board["val/swa+ens+ts/nll"], flat["val/swa+ens+ts/nll"])
 
 
 def test_bad_arguments(store: PredictionStore, tmp_path: Path) -> None:

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import subprocess
 import sys
@@ -225,6 +226,19 @@ def test_an_epoch_file_written_by_another_tool_reads_the_same(store: PredictionS
         np.sort(store.read("foreign", 1, "val", "swa"), axis=0),
         np.sort(parts[("val", "swa")], axis=0),
     )
+
+
+def test_metadata_of_a_seed_at_a_path_round_trips(store: PredictionStore) -> None:
+    config = {"train_loop_config": {"lr": 0.1, "seed": np.int64(2)}, "__trial_index__": 0}
+    store.write_metadata("a", config, "train_loop_config/seed")
+    store.write_metadata("b", {"train_loop_config": {"lr": 0.1}}, "train_loop_config/seed")
+    meta = store.metadata("a")
+    assert meta["seed_key"] == "train_loop_config/seed" and meta["seed"] == 2
+    assert meta["config"] == {"train_loop_config": {"lr": 0.1, "seed": 2}, "__trial_index__": 0}
+    canonical = json.dumps({"train_loop_config": {"lr": 0.1}}, sort_keys=True)
+    assert meta["group"] == hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    # A config without the seed (a trial run outside with_seeds) is stored with seed None.
+    assert store.metadata("b")["seed"] is None and store.metadata("b")["group"] == meta["group"]
 
 
 def test_works_through_a_subtree_filesystem(tmp_path: Path) -> None:
