@@ -9,14 +9,16 @@ temperature-scaled logits at one common epoch.
 
 from __future__ import annotations
 
+import copy
 import math
+import sys
 import warnings
 from collections.abc import Iterable, Sequence
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import numpy as np
 import torch
-from torch.optim.swa_utils import AveragedModel, update_bn
+from torch.optim.swa_utils import get_swa_multi_avg_fn, update_bn
 
 from posthoc_tune._arrays import ArrayLike, as_labels, as_logits, to_numpy
 from posthoc_tune.keys import parse_transform
@@ -173,33 +175,97 @@ def _newton_log_temperature(
     return u, max_iter, False
 
 
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The trained module inside ``DistributedDataParallel``, ``DataParallel`` and
+    ``torch.compile`` wrappers (nested in any order).
+
+    A copy of the wrapper would carry its process group, hooks or compiled graphs, and its state
+    dict would prefix every name with ``module.`` or ``_orig_mod.``.
+    """
+    compiled = _loaded_class("torch._dynamo.eval_frame", "OptimizedModule")
+    while True:
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        elif compiled is not None and isinstance(model, compiled):
+            model = cast(torch.nn.Module, model._orig_mod)
+        else:
+            return model
+
+
+def _loaded_class(module: str, name: str) -> type | None:
+    """``module.name`` if ``module`` is already imported, else None. Importing torch._dynamo or
+    FSDP costs about a second, and a model that is an instance of such a class implies that its
+    module was loaded."""
+    return getattr(sys.modules.get(module), name, None)
+
+
+def _refuse_fsdp(model: torch.nn.Module) -> None:
+    """Refuse FSDP (1 or 2) models: their parameters are shards, and a copy's forward hooks
+    would gather the live model's parameters, not the averaged ones."""
+    sharded = tuple(
+        cls
+        for cls in (
+            _loaded_class("torch.distributed.fsdp", "FullyShardedDataParallel"),
+            _loaded_class("torch.distributed.fsdp", "FSDPModule"),
+            _loaded_class("torch.distributed._composable.fsdp", "FSDPModule"),  # torch < 2.6
+        )
+        if cls is not None
+    )
+    if sharded and any(isinstance(m, sharded) for m in model.modules()):
+        raise TypeError(
+            "WeightAverager does not support FSDP-sharded models (each rank holds parameter "
+            "shards that a copy cannot evaluate); average an unsharded model instead"
+        )
+
+
 class WeightAverager:
     """Stochastic weight averaging read-out: the equal-weight mean of end-of-epoch weights.
 
-    Built on :class:`torch.optim.swa_utils.AveragedModel`. Call :meth:`update` once per epoch
-    (epochs count from 1); epochs before ``start_epoch`` are skipped, so the average covers
-    epochs ``start_epoch..t``. Training is unaffected: SWA here is a pure read-out. Buffers are
-    copied from the live model on each update; call :meth:`update_bn` to re-estimate
-    BatchNorm statistics for the averaged weights (the paper uses the val inputs).
+    Call :meth:`update` once per epoch (epochs count from 1); epochs before ``start_epoch`` are
+    skipped, so the average covers epochs ``start_epoch..t``. Training is unaffected: SWA here is
+    a pure read-out, averaged with :func:`torch.optim.swa_utils.get_swa_multi_avg_fn` on the
+    live model's device.
+
+    Only parameters that require gradients at construction are averaged (all of them with
+    ``trainable_only=False``); the SWA model's frozen parameters are the live model's own
+    tensors, so a LoRA model's average costs its adapters, not a second base model. Hence build
+    the averager after moving the model to its device, and never move or cast :attr:`model`
+    (that would move the live model's frozen parameters). The averaged set is fixed: a
+    parameter frozen later keeps being averaged (its constant value joins the mean); one
+    unfrozen later makes :meth:`update` raise, as its training would reach the SWA model
+    unaveraged (use ``trainable_only=False`` for gradual unfreezing).
+
+    Buffers are the SWA model's own, copied from the live model on each update; call
+    :meth:`update_bn` to re-estimate BatchNorm statistics for the averaged weights (the paper
+    uses the val inputs). DDP and ``torch.compile`` wrappers are removed (:func:`unwrap_model`);
+    FSDP models are refused.
+
+    Attributes:
+        epoch: epochs recorded by :meth:`update`.
+        n_averaged: how many end-of-epoch weight sets the average holds.
     """
 
-    def __init__(self, model: torch.nn.Module, *, start_epoch: int = 1) -> None:
+    def __init__(
+        self, model: torch.nn.Module, *, start_epoch: int = 1, trainable_only: bool = True
+    ) -> None:
         if not isinstance(start_epoch, int) or isinstance(start_epoch, bool) or start_epoch < 1:
             raise ValueError(f"start_epoch must be an int >= 1, got {start_epoch!r}")
+        live = unwrap_model(model)
+        _refuse_fsdp(live)
         self.start_epoch = start_epoch
         self.epoch = 0
-        device = next(iter(model.parameters()), torch.empty(0)).device
-        self._averaged = AveragedModel(model, device=device, use_buffers=False)
+        self.n_averaged = 0
+        shared = {id(p): p for p in live.parameters() if trainable_only and not p.requires_grad}
+        # deepcopy takes what its memo already maps as the copy: the frozen tensors themselves.
+        self._model = copy.deepcopy(live, memo=dict(shared))
+        own = dict(self._model.named_parameters())
+        self._averaged = {n: own[n] for n, p in live.named_parameters() if id(p) not in shared}
+        self._buffers = dict(self._model.named_buffers())
 
     @property
     def model(self) -> torch.nn.Module:
-        """The averaged ``torch.nn.Module`` (same class as the live model)."""
-        return self._averaged.module
-
-    @property
-    def n_averaged(self) -> int:
-        """How many end-of-epoch weight sets the average holds."""
-        return int(self._averaged.n_averaged)
+        """The SWA model: a copy of the (unwrapped) live model sharing its frozen parameters."""
+        return self._model
 
     @property
     def active(self) -> bool:
@@ -215,9 +281,30 @@ class WeightAverager:
 
     def update(self, model: torch.nn.Module) -> None:
         """Record the end of an epoch; its weights join the average from ``start_epoch`` on."""
+        live = unwrap_model(model)
+        params = dict(live.named_parameters())
+        unfrozen = [n for n, p in params.items() if p.requires_grad and n not in self._averaged]
+        if unfrozen:
+            raise RuntimeError(
+                f"{len(unfrozen)} parameters were frozen when the WeightAverager was built but "
+                f"now require gradients (e.g. {unfrozen[0]!r}); the SWA model shares them "
+                f"unaveraged. Build it with trainable_only=False to average every parameter"
+            )
         self.epoch += 1
-        if self.epoch >= self.start_epoch:
-            self._averaged.update_parameters(model)
+        if self.epoch < self.start_epoch:
+            return
+        averaged = [p.detach() for p in self._averaged.values()]
+        current = [params[n].detach() for n in self._averaged]
+        buffers = dict(live.named_buffers())
+        with torch.no_grad():
+            if self.n_averaged == 0:
+                for a, c in zip(averaged, current, strict=True):
+                    a.copy_(c)
+            elif averaged:
+                get_swa_multi_avg_fn()(averaged, current, self.n_averaged)
+            for name, b in self._buffers.items():
+                b.copy_(buffers[name])
+        self.n_averaged += 1
 
     def update_bn(self, loader: Iterable[Any]) -> None:
         """Re-estimate BatchNorm statistics of the averaged model on ``loader``'s inputs."""
@@ -225,21 +312,44 @@ class WeightAverager:
         update_bn(loader, self.model, device=device)
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue the average exactly after a restart."""
+        """Everything needed to continue the average exactly after a restart: the averaged
+        parameters and the buffers (not the shared frozen parameters)."""
         return {
-            "averaged": self._averaged.state_dict(),
+            "averaged": {n: p.detach() for n, p in self._averaged.items()},
+            "buffers": {n: b.detach() for n, b in self._buffers.items()},
+            "n_averaged": self.n_averaged,
             "epoch": self.epoch,
             "start_epoch": self.start_epoch,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; ``start_epoch`` must match this averager's."""
+        """Restore a :meth:`state_dict`; ``start_epoch`` and the averaged parameters' names and
+        shapes must match this averager's."""
         if state["start_epoch"] != self.start_epoch:
             raise ValueError(
                 f"checkpoint has start_epoch={state['start_epoch']}, "
                 f"this averager has start_epoch={self.start_epoch}"
             )
-        self._averaged.load_state_dict(state["averaged"])
+        pairs = []
+        for kind, own in (("averaged", self._averaged), ("buffers", self._buffers)):
+            saved: dict[str, torch.Tensor] = state[kind]
+            if saved.keys() != own.keys():
+                diff = sorted(saved.keys() ^ own.keys())
+                raise ValueError(
+                    f"checkpoint's {kind} tensors differ from this averager's in {len(diff)} "
+                    f"names, e.g. {diff[0]!r} (was it built with other trainable parameters?)"
+                )
+            for name, tensor in own.items():
+                if saved[name].shape != tensor.shape:
+                    raise ValueError(
+                        f"checkpoint's {name!r} has shape {tuple(saved[name].shape)}, "
+                        f"this averager's has {tuple(tensor.shape)}"
+                    )
+                pairs.append((tensor, saved[name]))
+        with torch.no_grad():
+            for tensor, value in pairs:
+                tensor.copy_(value)
+        self.n_averaged = int(state["n_averaged"])
         self.epoch = int(state["epoch"])
 
 
