@@ -35,7 +35,13 @@ if TYPE_CHECKING:
     from posthoc_tune.search import PostHocSearch
     from posthoc_tune.selection import leaderboard, selection_table
     from posthoc_tune.store import PredictionStore, StoreError
-    from posthoc_tune.transforms import TemperatureScaler, WeightAverager, apply_transform, combine
+    from posthoc_tune.transforms import (
+        TemperatureScaler,
+        WeightAverager,
+        apply_transform,
+        combine,
+        unwrap_model,
+    )
 
 __version__ = "0.1.0"
 
@@ -69,6 +75,7 @@ _MODULES = {
     "WeightAverager": "transforms",
     "apply_transform": "transforms",
     "combine": "transforms",
+    "unwrap_model": "transforms",
 }
 """Where each public name lives (a module's own name: the module itself)."""
 
@@ -101,6 +108,7 @@ __all__ = [
     "parse_metric_key",
     "parse_transform",
     "selection_table",
+    "unwrap_model",
     "with_seeds",
 ]
 

@@ -6,6 +6,12 @@ model on val and test, fits temperature scaling on val, reports
 fills them in), stores all logits in the experiment's prediction store, and calls
 ``tune.report``. The store write happens before ``tune.report`` because report is the barrier
 after which the driver may read the epoch.
+
+In a multi-worker trial (Ray Train workers, see :mod:`posthoc_tune.ray_train`) rank 0 alone
+evaluates, writes and reports metrics, unless an evaluation loader is sharded with a
+``DistributedSampler``: then every rank evaluates its shard and rank 0 gathers the logits in
+the split's row order. Every rank calls ``step()`` once per epoch (Ray Train's report is a
+barrier).
 """
 
 from __future__ import annotations
@@ -14,20 +20,19 @@ import contextlib
 import math
 import os
 import tempfile
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 import numpy as np
 import torch
-from ray import tune
 
 from posthoc_tune._arrays import ArrayLike, integer_tensor, to_numpy
-from posthoc_tune._cluster import check_shared_storage
+from posthoc_tune._session import TRIAL_KEY, current_session
+from posthoc_tune.groups import check_seed_key
 from posthoc_tune.keys import VARIANTS, metric_keys
 from posthoc_tune.metrics import evaluate
 from posthoc_tune.store import Dtype, PredictionStore
-from posthoc_tune.transforms import TemperatureScaler, WeightAverager
+from posthoc_tune.transforms import TemperatureScaler, WeightAverager, unwrap_model
 
 STATE_FILE = "posthoc_state.pt"
 _TS_NAME = {"base": "ts", "swa": "swa+ts"}
@@ -67,6 +72,7 @@ class _EvalSplit:
             self._labels = y
         elif isinstance(spec, Iterable) and not isinstance(spec, (str, bytes, Mapping)):
             self._loader = spec
+            self._check_sampler()
         else:
             raise TypeError(
                 f"{split} must be an (x, y) tuple of tensors, a DataLoader yielding (x, y), or a "
@@ -85,6 +91,30 @@ class _EvalSplit:
             labels = np.asarray(labels)
         return integer_tensor(labels, f"{self.split} labels").numpy().astype(np.int64)
 
+    @property
+    def sharded(self) -> bool:
+        """Whether each rank holds a shard of the split (a loader over a
+        ``DistributedSampler`` across several replicas): every rank must then evaluate."""
+        sampler = getattr(self._loader, "sampler", None)
+        distributed = isinstance(sampler, torch.utils.data.DistributedSampler)
+        return distributed and int(getattr(sampler, "num_replicas", 1)) > 1
+
+    def _check_sampler(self) -> None:
+        """A sharded split is gathered back in row order: refuse samplers that reorder or
+        drop rows, naming the attribute."""
+        sampler = getattr(self._loader, "sampler", None)
+        if isinstance(sampler, torch.utils.data.DistributedSampler):
+            if sampler.shuffle:
+                raise ValueError(
+                    f"the {self.split} loader's DistributedSampler shuffles: evaluation loaders "
+                    f"must not shuffle (DistributedSampler(..., shuffle=False))"
+                )
+            if sampler.drop_last:
+                raise ValueError(
+                    f"the {self.split} loader's DistributedSampler drops the last rows "
+                    f"(drop_last=True): every {self.split} row must be evaluated"
+                )
+
     def inputs(self) -> Iterable[Any] | None:
         """Model inputs for re-estimating BatchNorm statistics (None for ``predict`` splits)."""
         if self._tensors is not None:
@@ -92,8 +122,9 @@ class _EvalSplit:
             return [x[i : i + self.batch_size] for i in range(0, x.shape[0], self.batch_size)]
         return self._loader
 
-    def predict(self, model: torch.nn.Module) -> tuple[np.ndarray, np.ndarray]:
-        """Logits (float32, N x C) and labels (int64) for this split."""
+    def predict(self, model: torch.nn.Module) -> tuple[np.ndarray, np.ndarray] | None:
+        """Logits (float32, N x C) and labels (int64) for this split; for a sharded split,
+        gathered on rank 0 in the split's row order (None on the other ranks)."""
         if self._predict is not None:
             logits = to_numpy(self._predict(model, self.split))
             assert self._labels is not None
@@ -105,6 +136,11 @@ class _EvalSplit:
             ys.append(self._checked_labels(y))
         logits = torch.cat(outs).numpy()
         labels = np.concatenate(ys)
+        if self.sharded:
+            gathered = _gather_rows(list(iter(self._loader.sampler)), logits, labels)  # type: ignore[union-attr]
+            if gathered is None:
+                return None
+            logits, labels = gathered
         if self._labels is None:
             self._labels = labels
         elif not np.array_equal(self._labels, labels):
@@ -145,6 +181,28 @@ class _EvalSplit:
             yield batch[0], batch[1]
 
 
+def _gather_rows(
+    indices: list[int], logits: np.ndarray, labels: np.ndarray
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Gather every rank's shard on rank 0 and put its rows back in the split's order: a
+    ``DistributedSampler`` deals rows out round-robin and pads the last round with rows from
+    the start, which appear twice and are kept once. None on the other ranks."""
+    dist = torch.distributed
+    shard = (np.asarray(indices, dtype=np.int64), logits, labels)
+    shards: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(shard, shards, dst=0)
+    if shards is None:
+        return None
+    index = np.concatenate([s[0] for s in shards])
+    if len(index) != sum(len(s[1]) for s in shards):
+        raise ValueError("a sharded loader yielded a different number of rows than its sampler")
+    rows, first = np.unique(index, return_index=True)  # sorted rows, first occurrence of each
+    if not np.array_equal(rows, np.arange(len(rows))):
+        raise ValueError(f"the sharded split's sampler skipped rows: {len(rows)} rows seen")
+    logits = np.concatenate([s[1] for s in shards])[first]
+    return logits, np.concatenate([s[2] for s in shards])[first]
+
+
 @contextlib.contextmanager
 def _evaluating(model: torch.nn.Module) -> Iterator[None]:
     """Eval mode without gradients, restoring the caller's train/eval mode afterwards."""
@@ -155,12 +213,6 @@ def _evaluating(model: torch.nn.Module) -> Iterator[None]:
             yield
     finally:
         model.train(was_training)
-
-
-def _in_tune() -> bool:
-    with warnings.catch_warnings():  # Ray warns when asked outside a trial: that is the question
-        warnings.simplefilter("ignore")
-        return tune.get_context().get_trial_id() is not None
 
 
 class PostHocReporter:
@@ -176,9 +228,14 @@ class PostHocReporter:
             ``posthoc/`` folder, created on the first write), or None: inside Tune the
             experiment's own storage (``storage_path``/``storage_filesystem``), outside Tune
             no store.
-        seed_key: config key holding the seed; trials differing only in it form a group.
+        seed_key: config key, or "a/b" path (``"train_loop_config/seed"``), holding the seed;
+            trials differing only in it form a group.
         swa_start_epoch: first epoch in the SWA average (1 = whole trajectory, as the paper).
             Before it the ``swa*`` metrics are NaN and no SWA logits are stored.
+        swa_trainable_only: average only the parameters that require gradients when the
+            reporter is built, sharing the frozen ones with the model (a LoRA model's SWA then
+            costs its adapters' bytes, not a second model); False averages every parameter,
+            for training that unfreezes parameters later.
         bn_loader: inputs for re-estimating the SWA model's BatchNorm statistics: ``"val"``
             (the val inputs, as the paper), another iterable, or None to skip.
         checkpoint: objects to checkpoint with the model, e.g. ``{"optimizer": opt}``. When
@@ -206,6 +263,7 @@ class PostHocReporter:
         store: PredictionStore | str | os.PathLike[str] | None = None,
         seed_key: str = "seed",
         swa_start_epoch: int = 1,
+        swa_trainable_only: bool = True,
         bn_loader: Iterable[Any] | str | None = "val",
         checkpoint: Mapping[str, Stateful] | None = None,
         checkpoint_every: int = 1,
@@ -218,6 +276,7 @@ class PostHocReporter:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(report, bool):
             raise TypeError(f"report must be a bool, got {report!r}")
+        check_seed_key(seed_key)
         if not report and checkpoint is not None:
             raise ValueError(
                 "checkpoint= passes checkpoints to tune.report, which report=False never "
@@ -231,12 +290,13 @@ class PostHocReporter:
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        self.model = model
+        self.model = unwrap_model(model)  # DDP's forward is a collective; SWA needs no prefix
         self.splits = {"val": _EvalSplit("val", val, eval_batch_size)}
         if test is not None:
             self.splits["test"] = _EvalSplit("test", test, eval_batch_size)
-        self.swa = WeightAverager(model, start_epoch=swa_start_epoch)
-        self._bn_inputs = self._resolve_bn_loader(bn_loader)
+        self.swa = WeightAverager(
+            self.model, start_epoch=swa_start_epoch, trainable_only=swa_trainable_only
+        )
         self._scalers = {v: TemperatureScaler(warm_start=True) for v in VARIANTS}
         self._checkpoint = dict(checkpoint) if checkpoint is not None else None
         self.checkpoint_every = checkpoint_every
@@ -244,34 +304,34 @@ class PostHocReporter:
         self.epoch = 0
         self._labels_written = False
 
-        self.in_tune = _in_tune()
-        self.trial_id = tune.get_context().get_trial_id() if self.in_tune else trial_id
-        if isinstance(store, PredictionStore):
-            self.store: PredictionStore | None = store
-        elif store is not None:
-            self.store = PredictionStore.open(store, dtype=store_dtype)
-        elif self.in_tune:
-            storage = tune.get_context().get_storage()
-            self.store = PredictionStore(
-                storage.storage_filesystem, storage.experiment_fs_path, dtype=store_dtype
-            )
-        else:
-            self.store = None
-        if self.store is not None:
+        self.session = current_session(config, store, trial_id, store_dtype)
+        self.in_tune = self.session.kind != "local"
+        self.trial_id = self.session.trial_id
+        self.store: PredictionStore | None = self.session.store
+        # Every rank evaluates when a split is sharded; otherwise rank 0 alone.
+        self._evaluates = self.session.is_writer or any(s.sharded for s in self.splits.values())
+        self._bn_inputs = self._resolve_bn_loader(bn_loader)
+        if self.store is not None and self.session.is_writer:
             if self.in_tune:
-                check_shared_storage(self.store)
                 self.store.discard_partial_writes(self.trial_id)  # of a killed attempt
-            self.store.write_metadata(self.trial_id, config, seed_key)
-        if self.in_tune and self._checkpoint is not None:
-            ckpt = tune.get_checkpoint()
-            if ckpt is not None:
-                with ckpt.as_directory() as directory:
+            stored = {k: v for k, v in config.items() if k != TRIAL_KEY}
+            self.store.write_metadata(self.trial_id, stored, seed_key)
+        if self._checkpoint is not None:
+            with self.session.restored() as directory:
+                if directory is not None:
                     self.load_state_dict(self._load(os.path.join(directory, STATE_FILE)))
 
     def _resolve_bn_loader(self, bn_loader: Iterable[Any] | str | None) -> Iterable[Any] | None:
         if bn_loader is None or not self.swa.has_batchnorm:
             return None
         if bn_loader == "val":
+            if self.splits["val"].sharded:
+                raise ValueError(
+                    "the model has BatchNorm layers and the val loader is sharded across ranks, "
+                    "so SWA's BatchNorm statistics would differ between ranks: pass bn_loader= "
+                    "an unsharded iterable of input batches (the same on every rank), or "
+                    "bn_loader=None, or an unsharded val loader (rank 0 then evaluates alone)"
+                )
             inputs = self.splits["val"].inputs()
             if inputs is None:
                 raise ValueError(
@@ -293,32 +353,45 @@ class PostHocReporter:
         ``report=False``).
 
         ``metrics`` are extra values to report (e.g. the training loss). Returns everything
-        reported, as floats.
+        reported, as floats; ``{}`` on the ranks other than 0 of a multi-worker trial (every
+        rank must call it, once per epoch).
         """
         extra = self._extra_metrics(metrics)
         self.epoch += 1
+        result: dict[str, float] = {}
+        if self._evaluates:
+            logits, labels, variants = self._evaluate()
+            if self.session.is_writer:
+                result = self._metrics(logits, labels)
+                result.update(extra)
+                if self.store is not None:  # before reporting: the driver may then read it
+                    temperatures = {v: result[f"temperature/{v}"] for v in variants}
+                    self._write(logits, labels, temperatures)
+        if self.in_tune and self.report:
+            self._report(result)
+        return result
+
+    def _evaluate(
+        self,
+    ) -> tuple[dict[tuple[str, str], np.ndarray], dict[str, np.ndarray], list[str]]:
+        """SWA update, then every split's logits of the base and SWA model: all of them on
+        rank 0, the sharded splits' gathered there (other ranks keep nothing)."""
         self.swa.update(self.model)
         variants = {"base": self.model}
         if self.swa.active:
             if self._bn_inputs is not None:
                 self.swa.update_bn(self._bn_inputs)
             variants["swa"] = self.swa.model
-
         logits: dict[tuple[str, str], np.ndarray] = {}
         labels: dict[str, np.ndarray] = {}
         for variant, module in variants.items():
             with _evaluating(module):
                 for split, source in self.splits.items():
-                    logits[(split, variant)], labels[split] = source.predict(module)
-
-        result = self._metrics(logits, labels)
-        result.update(extra)
-        if self.store is not None:  # before tune.report: the driver may read it once reported
-            temperatures = {v: result[f"temperature/{v}"] for v in variants}
-            self._write(logits, labels, temperatures)
-        if self.in_tune and self.report:
-            self._report(result)
-        return result
+                    if source.sharded or self.session.is_writer:
+                        predicted = source.predict(module)
+                        if predicted is not None:
+                            logits[(split, variant)], labels[split] = predicted
+        return logits, labels, list(variants)
 
     def _metrics(
         self, logits: Mapping[tuple[str, str], np.ndarray], labels: Mapping[str, np.ndarray]
@@ -367,12 +440,14 @@ class PostHocReporter:
         return out
 
     def _report(self, result: dict[str, float]) -> None:
-        if self._checkpoint is None or self.epoch % self.checkpoint_every:
-            tune.report(result)
+        """Report through the session; rank 0 passes the checkpoint when one is due."""
+        due = self._checkpoint is not None and self.epoch % self.checkpoint_every == 0
+        if not (due and self.session.is_writer):
+            self.session.report(result)
             return
         with tempfile.TemporaryDirectory() as directory:
             torch.save(self.state_dict(), os.path.join(directory, STATE_FILE))
-            tune.report(result, checkpoint=tune.Checkpoint.from_directory(directory))
+            self.session.report(result, checkpoint_dir=directory)
 
     # -- checkpointing ------------------------------------------------------------------------
 

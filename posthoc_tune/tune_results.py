@@ -28,7 +28,7 @@ from typing import Any
 from ray.tune.experiment import Trial
 
 from posthoc_tune.ensemble import EnsembleEvaluator, EnsembleValue
-from posthoc_tune.groups import group_key
+from posthoc_tune.groups import group_key, has_path
 from posthoc_tune.keys import ensemble_epoch_key, parse_transform
 
 
@@ -47,7 +47,7 @@ class EnsembleResults:
 
     Args:
         transforms: ensemble transforms to evaluate (e.g. ``["swa+ens+ts"]``).
-        seed_key: the config key that separates a group's members.
+        seed_key: the config key (or "a/b" path) that separates a group's members.
         group_size: members per group when known in advance (``PostHocSearch``'s
             ``n_seeds``: it creates them one by one); None: every trial Tune has created.
     """
@@ -127,7 +127,7 @@ class EnsembleResults:
         start = self._n_seen if len(trials) >= self._n_seen else 0
         self._n_seen = len(trials)
         for trial in trials[start:]:
-            if trial.trial_id not in self._trial_group and self.seed_key in trial.config:
+            if trial.trial_id not in self._trial_group and has_path(trial.config, self.seed_key):
                 name = group_key(trial.config, self.seed_key)
                 self._trial_group[trial.trial_id] = name
                 self._groups.setdefault(name, _Group()).trials[trial.trial_id] = trial

@@ -27,8 +27,10 @@ def test_custom_trainable_example_runs_with_a_small_budget(
     assert "selected by val/swa+ts/nll" in capsys.readouterr().out
     store = PredictionStore.open(results.experiment_path)
     for result in results:
-        trial_id = result.metrics["trial_id"]
-        assert store.epochs(trial_id) == list(range(1, result.metrics["epoch"] + 1))
+        trial_id, last = result.metrics["trial_id"], result.metrics["epoch"]
+        # A trial ASHA stopped may have stored one epoch Tune never processed.
+        epochs = store.epochs(trial_id)
+        assert epochs == list(range(1, len(epochs) + 1)) and last <= len(epochs) <= last + 1
         assert result.checkpoint is not None  # the reporter checkpointed every epoch
 
 

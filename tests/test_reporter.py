@@ -301,3 +301,77 @@ def test_state_dict_resumes_exactly() -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     with pytest.raises(ValueError, match="checkpoint holds objects \\['optimizer'\\]"):
         _reporter(_model(batchnorm=True), d).load_state_dict(state)
+
+
+def _shard_worker(rank: int, world: int, init: str, out: str) -> None:
+    """One rank of a sharded evaluation: a DistributedSampler deals rows round-robin and
+    pads the last round; rank 0 gathers the logits back in row order."""
+    import torch.distributed as dist
+
+    from posthoc_tune.reporter import _EvalSplit
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        x = torch.arange(10 * 3, dtype=torch.float32).reshape(10, 3)
+        y = torch.arange(10) % 3
+        dataset = torch.utils.data.TensorDataset(x, y)
+        sampler: torch.utils.data.Sampler[int] = torch.utils.data.DistributedSampler(
+            dataset, world, rank, shuffle=False
+        )
+        split = _EvalSplit("val", torch.utils.data.DataLoader(dataset, 2, sampler=sampler), 2)
+        assert split.sharded
+        gathered = split.predict(torch.nn.Identity())
+        if rank == 0:
+            assert gathered is not None
+            np.save(out, np.concatenate([gathered[0], gathered[1][:, None]], axis=1))
+        else:
+            assert gathered is None
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_sharded_split_is_gathered_on_rank_0_in_row_order(tmp_path: Path) -> None:
+    out = str(tmp_path / "gathered.npy")
+    init = f"file://{tmp_path / 'rendezvous'}"
+    torch.multiprocessing.spawn(_shard_worker, args=(3, init, out), nprocs=3)  # 10 rows, 3 ranks
+    gathered = np.load(out)
+    expected = np.arange(10 * 3, dtype=np.float32).reshape(10, 3)
+    np.testing.assert_array_equal(gathered[:, :3], expected)
+    np.testing.assert_array_equal(gathered[:, 3], np.arange(10) % 3)
+
+
+def test_sharded_loaders_that_reorder_or_drop_rows_are_refused() -> None:
+    d = _data()
+    dataset = torch.utils.data.TensorDataset(d["x_val"], d["y_val"])
+    for kwargs, message in (
+        ({"shuffle": True}, "DistributedSampler shuffles"),
+        ({"shuffle": False, "drop_last": True}, "drops the last rows"),
+    ):
+        sampler: torch.utils.data.Sampler[int] = torch.utils.data.DistributedSampler(
+            dataset, 2, 0, **kwargs
+        )
+        loader = torch.utils.data.DataLoader(dataset, 8, sampler=sampler)
+        with pytest.raises(ValueError, match=message):
+            PostHocReporter(_model(), {"seed": 0}, val=loader)
+
+
+def test_ranks_other_than_0_write_nothing_and_return_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from posthoc_tune import _session
+
+    store = PredictionStore.open(tmp_path)
+    session = _session.Session("local", "t1", store, rank=1, world_size=2)
+    monkeypatch.setattr("posthoc_tune.reporter.current_session", lambda *a: session)
+    d = _data()
+    reporter = _reporter(_model(), d)
+    assert reporter.step() == {} and reporter.epoch == 1
+    assert not (tmp_path / "posthoc").exists()  # no metadata, labels or logits
+
+
+def test_a_train_worker_without_its_trial_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from posthoc_tune import _session
+
+    monkeypatch.setattr(_session, "_train_worker", lambda: (1, 2))
+    with pytest.raises(RuntimeError, match=r"Ray Train worker \(rank 1 of 2\) without its Tune"):
+        _reporter(_model(), _data())
