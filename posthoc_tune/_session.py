@@ -130,7 +130,7 @@ def current_session(
                 f"posthoc_tune.ray_train.torch_trainable), or give the reporter store= and "
                 f"trial_id="
             )
-        rank, world_size = worker or (0, 1)
+        rank, world_size = worker or _process_group_rank()
         return Session("local", trial_id, given, rank, world_size)
     if session.kind != "local" and session.store is not None and session.is_writer:
         check_shared_storage(session.store)
@@ -153,6 +153,16 @@ def _train_worker() -> tuple[int, int] | None:
         return _train_rank()
     except (RuntimeError, DeprecationWarning, ImportError):
         return None
+
+
+def _process_group_rank() -> tuple[int, int]:
+    """(rank, world size) of a torch.distributed job started without Ray (e.g. torchrun):
+    rank 0 alone writes there too."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def _train_rank() -> tuple[int, int]:
