@@ -68,13 +68,18 @@ def per_worker(config: dict[str, Any]) -> None:
 def test_multi_worker_trials_store_once_and_gather_in_row_order(run_tune: Any) -> None:
     import ray.train
 
+    # One rung, at max_t, and no stop there: groups are judged on their ensembles, and every
+    # Train run ends on its own. A Train run that Tune stops (ASHA stops trials at max_t too,
+    # unless stop_last_trials=False) leaves its workers' placement group reserved unless
+    # Ray's State API sees its controller die (ray[default]; this suite runs without it), and
+    # the next test would wait for CPUs forever.
     scheduler = PostHocASHA(
         metric=GROUP_KEY,
         mode="min",
         max_t=EPOCHS,
-        grace_period=1,
-        reduction_factor=2,
+        grace_period=EPOCHS,
         time_attr="epoch",
+        stop_last_trials=False,
     )
     trainable = torch_trainable(
         per_worker,
@@ -93,12 +98,11 @@ def test_multi_worker_trials_store_once_and_gather_in_row_order(run_tune: Any) -
     d = _data()
     for r in results:
         trial, last = r.metrics["trial_id"], int(r.metrics["epoch"])
-        # One file per epoch, written by rank 0 alone (a stopped trial's workers may have
-        # stored an epoch or two that Tune never processed); the stored config holds the
-        # trial's, not the context carried into the workers.
+        # One file per epoch, written by rank 0 alone; the stored config holds the trial's,
+        # not the context carried into the workers.
         files = sorted(p.name for p in Path(store.root, "logits", trial).iterdir())
-        assert len(files) >= last
-        assert files == [f"epoch_{e:06d}.parquet" for e in range(1, len(files) + 1)]
+        assert last == EPOCHS
+        assert files == [f"epoch_{e:06d}.parquet" for e in range(1, EPOCHS + 1)]
         assert TRIAL_KEY not in store.metadata(trial)["config"]
         # The gathered val logits (and rank 0's test logits) equal a single-process
         # evaluation of the checkpointed weights, which carry no DDP "module." prefix.
@@ -128,7 +132,8 @@ def test_multi_worker_trials_store_once_and_gather_in_row_order(run_tune: Any) -
         val = [store.read(m, int(epoch), "val", "swa") for m in members]
         value = dict(zip(rows["key"], rows["value"], strict=True))[GROUP_KEY]
         assert value == pytest.approx(ref.nll(ref.ensemble(val, val, y)[0], y), rel=1e-3)
-    assert set(scheduler.decisions["n_members"]) == {2}
+    decisions = scheduler.decisions
+    assert set(decisions["n_members"]) == {2} and set(decisions["decision"]) == {"FINAL"}
     best = results.get_best_result(GROUP_KEY, "min", scope="all").config
     assert best is not None and best["lr"] == 0.3
 
