@@ -4,6 +4,7 @@ with PostHocASHA judging seed groups on their ensembles."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +37,12 @@ def _mlp() -> torch.nn.Module:
     )
 
 
-def per_worker(config: dict[str, Any]) -> None:
+def per_worker(
+    config: dict[str, Any], before_step: Callable[[PostHocReporter], None] | None = None
+) -> None:
     """DDP training on this rank's half of the rows; val sharded across ranks by Ray's
-    prepare_data_loader (a DistributedSampler), test evaluated on rank 0 alone."""
+    prepare_data_loader (a DistributedSampler), test evaluated on rank 0 alone;
+    ``before_step`` runs before each reporter step (where a test injects a failure)."""
     import ray.train
     from ray.train.torch import prepare_data_loader, prepare_model
 
@@ -62,6 +66,8 @@ def per_worker(config: dict[str, Any]) -> None:
     )
     for _ in range(reporter.epoch, EPOCHS):
         ref.full_batch_step(model, opt, d["x"][rank::world], d["y"][rank::world])
+        if before_step is not None:
+            before_step(reporter)
         reporter.step()
 
 
@@ -151,3 +157,55 @@ def test_the_example_runs_with_a_small_budget(
     for i in range(len(results)):
         metrics = results[i].metrics
         assert metrics is not None and store.epochs(metrics["trial_id"])[:2] == [1, 2]
+
+
+def failing_worker(config: dict[str, Any]) -> None:
+    """per_worker's training, where ``kill`` makes rank 0 fail once, in epoch 2."""
+    import ray.train
+
+    marker = Path(config["marker"])
+
+    def fail_once(reporter: PostHocReporter) -> None:
+        rank = ray.train.get_context().get_world_rank()
+        if config["kill"] and reporter.epoch == 1 and rank == 0 and not marker.exists():
+            marker.touch()
+            raise RuntimeError("simulated worker failure")
+
+    per_worker(config, before_step=fail_once)
+
+
+def test_a_restarted_worker_group_resumes_the_same_swa_average(
+    run_tune: Any, tmp_path: Path
+) -> None:
+    import ray.train
+
+    trainable = torch_trainable(
+        failing_worker,
+        scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.2}),
+        failure_config=ray.train.FailureConfig(max_failures=1),
+    )
+    results = run_tune(
+        tune.with_resources(trainable, {"cpu": 0.1}),
+        {
+            "kill": tune.grid_search([False, True]),
+            "seed": 0,
+            "lr": 0.3,
+            "marker": str(tmp_path / "m"),
+        },
+        tune_config={"max_concurrent_trials": 2, "reuse_actors": False},
+    )
+    assert not results.errors and (tmp_path / "m").exists()  # failed once, restarted
+    store = PredictionStore.open(results.experiment_path)
+    ids = {r.config["kill"]: r.metrics["trial_id"] for r in results}
+    for trial in ids.values():
+        assert store.epochs(trial) == list(range(1, EPOCHS + 1))
+    # The restarted workers resumed from epoch 1's checkpoint: every epoch's logits, SWA's
+    # included, equal those of the twin that never failed.
+    for epoch in range(1, EPOCHS + 1):
+        for variant in ("base", "swa"):
+            np.testing.assert_allclose(
+                store.read(ids[True], epoch, "val", variant),
+                store.read(ids[False], epoch, "val", variant),
+                rtol=1e-6,
+                atol=1e-7,
+            )
