@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import math
 import os
 import pickle
@@ -377,15 +376,9 @@ def test_without_transformers_the_module_says_what_to_install(
 
 # -- hyperparameter_search(backend="ray") with PostHocASHA: the example ------------------------
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hf_trainer.py"
-
 
 def _example() -> Any:
-    spec = importlib.util.spec_from_file_location("hf_trainer", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("examples.hf_trainer")
 
 
 def test_hf_example_help(capsys: pytest.CaptureFixture[str]) -> None:

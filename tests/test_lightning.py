@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import math
 import subprocess
 import sys
@@ -417,15 +416,9 @@ def test_posthoc_asha_on_the_ensemble_key_with_lightning_trials(run_tune: Any) -
 
 # -- the example ---------------------------------------------------------------------------------
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "lightning_trainable.py"
-
 
 def _example() -> Any:
-    spec = importlib.util.spec_from_file_location("lightning_trainable", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("examples.lightning_trainable")
 
 
 def test_lightning_example_help(capsys: pytest.CaptureFixture[str]) -> None:
