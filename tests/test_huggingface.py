@@ -7,8 +7,6 @@ import importlib
 import math
 import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -354,24 +352,6 @@ def test_posthoc_objective_reads_a_per_trial_key_and_refuses_group_keys() -> Non
         posthoc_objective("val/swa+ens+ts/nll")
     with pytest.raises(ValueError, match="not of the form 'split/transform/metric'"):
         posthoc_objective("eval_loss")
-
-
-def test_importing_posthoc_tune_does_not_import_transformers() -> None:
-    code = (
-        "import sys, posthoc_tune as pht; pht.PostHocReporter, pht.PostHocASHA; "
-        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
-
-
-def test_without_transformers_the_module_says_what_to_install(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
-    monkeypatch.delitem(sys.modules, "posthoc_tune.huggingface")
-    with pytest.raises(ImportError, match=r"pip install 'posthoc-tune\[huggingface\]'"):
-        importlib.import_module("posthoc_tune.huggingface")
 
 
 # -- hyperparameter_search(backend="ray") with PostHocASHA: the example ------------------------

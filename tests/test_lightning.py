@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -328,24 +326,6 @@ def test_more_than_one_process_is_refused() -> None:
     with pytest.raises(RuntimeError, match=r"world_size=2 \(global rank 1\): every rank would"):
         posthoc.setup(ddp, Net(), "fit")
     posthoc.setup(cast(pl.Trainer, SimpleNamespace(world_size=1, global_rank=0)), Net(), "fit")
-
-
-def test_importing_posthoc_tune_does_not_import_lightning() -> None:
-    code = (
-        "import sys, posthoc_tune as pht; pht.PostHocReporter, pht.PostHocASHA; "
-        "print(sorted(m for m in sys.modules if 'lightning' in m.split('.')[0]))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
-
-
-def test_without_lightning_the_module_says_what_to_install(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setitem(sys.modules, "lightning.pytorch", None)  # as if not installed
-    monkeypatch.delitem(sys.modules, "posthoc_tune.lightning")
-    with pytest.raises(ImportError, match=r"pip install 'posthoc-tune\[lightning\]'"):
-        importlib.import_module("posthoc_tune.lightning")
 
 
 # -- real Tune runs ------------------------------------------------------------------------------
