@@ -67,8 +67,7 @@ VAL = Rows(48, seed=1, unlabelled=(0, 7, 30))
 TEST = Rows(40, seed=2, unlabelled=(3, 17, 18, 39))
 
 
-def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
+def tiny_config() -> BertConfig:
     config = BertConfig(
         vocab_size=VOCAB,
         hidden_size=16,
@@ -78,7 +77,12 @@ def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
         max_position_embeddings=LENGTH,
     )
     config.num_labels = CLASSES  # a property: not a typed BertConfig argument
-    return BertForSequenceClassification(config)
+    return config
+
+
+def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(tiny_config())
 
 
 def training_args(tmp_path: Path, **kwargs: Any) -> TrainingArguments:
@@ -255,17 +259,8 @@ def test_token_level_labels_are_refused_naming_the_shape(tmp_path: Path) -> None
             return {"input_ids": ids, "labels": torch.where(ids > 20, -100, ids % CLASSES)}
 
     torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=LENGTH,
-    )
-    config.num_labels = CLASSES  # a property: not a typed BertConfig argument
     trainer = Trainer(
-        model=BertForTokenClassification(config),
+        model=BertForTokenClassification(tiny_config()),
         args=training_args(tmp_path, num_train_epochs=1),
         train_dataset=Tokens(),
         eval_dataset=Tokens(),
