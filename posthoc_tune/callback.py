@@ -5,9 +5,10 @@ rungs and groups through ``Tuner.restore``. Callbacks run after the scheduler an
 on each result and may change it before Tune stores it, so for group (ensemble) keys the
 callback writes each seed group's ensemble values into its members' results, where
 ``ResultGrid.get_dataframe`` and ``get_best_result`` see them (see
-:mod:`posthoc_tune.tune_results`). Searchers see no trial objects, so the callback hands them
-the experiment's prediction store, and links a searcher to the schedulers given with it (so
-that groups the scheduler pruned are told as pruned).
+:mod:`posthoc_tune.tune_results`). Searchers see no trial objects, so the callback finds the
+experiment's prediction store and gives every component on a group key one evaluator on it,
+and it tells a searcher the schedulers given with it (so that groups they pruned are told as
+pruned). It meets its components only through :class:`~posthoc_tune._component.Component`.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ from ray.tune import Callback
 from ray.tune.experiment import Trial
 
 from posthoc_tune._cluster import check_shared_storage
-from posthoc_tune.ensemble import shared_evaluator
-from posthoc_tune.keys import parse_metric_key
-from posthoc_tune.schedulers import PostHocASHA
-from posthoc_tune.search import PostHocSearch
-from posthoc_tune.store import PredictionStore
+from posthoc_tune._component import (
+    Component,
+    Context,
+    StatefulComponent,
+    experiment_evaluator,
+    experiment_store,
+    on_group_key,
+)
 from posthoc_tune.tune_results import EnsembleResults
 
 
@@ -30,19 +34,17 @@ class PostHocCallback(Callback):
     """Add to ``RunConfig(callbacks=[...])``: ``PostHocCallback(scheduler, searcher)``, or
     ``scheduler.callback`` / ``searcher.callback`` for one of them."""
 
-    def __init__(self, *components: PostHocASHA | PostHocSearch) -> None:
-        bad = [c for c in components if not isinstance(c, (PostHocASHA, PostHocSearch))]
+    def __init__(self, *components: Component) -> None:
+        bad = [c for c in components if not isinstance(c, Component)]
         if bad or not components:
             raise TypeError(
                 f"PostHocCallback takes PostHocASHA and PostHocSearch objects, got {bad or '()'}"
             )
-        self.schedulers = [c for c in components if isinstance(c, PostHocASHA)]
-        self.searchers = [c for c in components if isinstance(c, PostHocSearch)]
-        self._checked_storage = False
+        self.components = components
+        self.schedulers = [c for c in components if isinstance(c, StatefulComponent)]
+        self._grouped: list[Component] = []
         self._results: EnsembleResults | None = None
-        for searcher in self.searchers:
-            for scheduler in self.schedulers:
-                searcher.link(scheduler)
+        self._found_store = False
 
     def setup(
         self,
@@ -51,55 +53,54 @@ class PostHocCallback(Callback):
         total_num_samples: int | None = None,
         **info: Any,
     ) -> None:
-        for scheduler in self.schedulers:
-            scheduler._callback_attached = True
+        # Metrics are known now: they may come from TuneConfig, set on the components before
+        # callbacks are set up.
+        context = Context(self.components)
+        for component in self.components:
+            component.attach(context)
+        self._grouped = [c for c in self.components if on_group_key(c)]
         self._results = self._ensemble_results()
 
-    def _grouped(self) -> list[PostHocASHA | PostHocSearch]:
-        """The components on a group (ensemble) key."""
-        components: list[PostHocASHA | PostHocSearch] = [*self.schedulers, *self.searchers]
-        return [c for c in components if c.is_group_metric]
-
     def _ensemble_results(self) -> EnsembleResults | None:
-        """Group keys' values for the results, once metrics are known (they may come from
-        ``TuneConfig``, set on the components before callbacks are set up)."""
-        grouped = self._grouped()
-        if not grouped:
+        """Group keys' values for the results."""
+        if not self._grouped:
             return None
         for name in ("seed_key", "ensemble"):
-            values = {getattr(c, name) for c in grouped}
+            values = {getattr(c, name) for c in self._grouped}
             if len(values) > 1:
                 raise ValueError(
                     f"PostHocCallback's components disagree on {name}: {sorted(values)}; "
                     f"one experiment's seed groups and ensembles must be defined one way"
                 )
-        transforms = [parse_metric_key(c.metric)[1].name for c in grouped]
-        sizes = {s.n_seeds for s in self.searchers}
+        roots = {c.store.root for c in self._grouped if c.store is not None}
+        if len(roots) > 1:
+            raise ValueError(
+                f"PostHocCallback's components were given different stores: {sorted(roots)}; "
+                f"they share one evaluator, so give them one store (or none: the experiment's)"
+            )
+        transforms = [o.transform.name for c in self._grouped if (o := c.parsed_metric)]
+        sizes = {c.group_size for c in self.components if c.group_size is not None}
         return EnsembleResults(
             list(dict.fromkeys(transforms)),
-            grouped[0].seed_key,
+            self._grouped[0].seed_key,
             group_size=sizes.pop() if len(sizes) == 1 else None,
         )
 
     def on_trial_start(
         self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
     ) -> None:
-        storage = trial.storage
-        experiment = None
-        if storage is not None:
-            experiment = PredictionStore(storage.storage_filesystem, storage.experiment_fs_path)
-            if not self._checked_storage:  # on the driver, before any trial writes
-                check_shared_storage(experiment)
-                self._checked_storage = True
-            for searcher in self.searchers:
-                searcher.attach_store(experiment)
-        if self._results is not None and not self._results.attached:
-            grouped = self._grouped()
-            store = next((c.store for c in grouped if c.store is not None), experiment)
-            if store is not None:  # the store the components read, shared with them
-                self._results.attach_evaluator(
-                    shared_evaluator(store, ensemble=grouped[0].ensemble, splits=["val"])
-                )
+        experiment = None if self._found_store else experiment_store(trial)
+        if experiment is None:
+            return
+        self._found_store = True
+        check_shared_storage(experiment)  # on the driver, before any trial writes
+        if self._results is not None:
+            # The experiment's one evaluator, unless a component was given another store.
+            store = next((c.store for c in self._grouped if c.store is not None), experiment)
+            evaluator = experiment_evaluator(store, self._grouped[0].ensemble)
+            for component in self._grouped:
+                component.attach_evaluator(evaluator)
+            self._results.attach_evaluator(evaluator)
 
     def on_trial_result(
         self,

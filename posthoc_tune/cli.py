@@ -103,14 +103,7 @@ def _parser() -> argparse.ArgumentParser:
         help="same: loss columns selected by val nll, error columns by val error (the "
         "paper); nll: both by val nll (default: %(default)s)",
     )
-    table.add_argument(
-        "--transforms",
-        nargs="+",
-        choices=TRANSFORMS,
-        default=list(TABLE_TRANSFORMS),
-        metavar="TRANSFORM",
-        help=f"rows, any of {', '.join(TRANSFORMS)} (default: {' '.join(TABLE_TRANSFORMS)})",
-    )
+    _transforms_option(table, TABLE_TRANSFORMS, f"rows, any of {', '.join(TRANSFORMS)}")
     _output_options(table)
 
     board = commands.add_parser(
@@ -185,6 +178,12 @@ def _parser() -> argparse.ArgumentParser:
     compact.add_argument(
         "--drop-trials", nargs="+", default=[], metavar="TRIAL_ID", help="trial ids to delete"
     )
+    _transforms_option(
+        compact,
+        TABLE_TRANSFORMS,
+        "transforms whose selected models keep their logits (a checkpoint ensemble its whole "
+        "window); every transform's scores are stored either way",
+    )
     compact.add_argument("--dry-run", action="store_true", help="report, delete nothing")
 
     plot = commands.add_parser(
@@ -196,14 +195,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     plot.add_argument("experiment", help=EXPERIMENT_HELP)
     plot.add_argument("--out", required=True, help="folder for the figures")
-    plot.add_argument(
-        "--transforms",
-        nargs="+",
-        choices=TRANSFORMS,
-        default=list(PLOT_TRANSFORMS),
-        metavar="TRANSFORM",
-        help="curves to draw beside the base model; the leaderboard chart ranks by the last "
-        f"(default: {' '.join(PLOT_TRANSFORMS)})",
+    _transforms_option(
+        plot,
+        PLOT_TRANSFORMS,
+        "curves to draw beside the base model; the leaderboard chart ranks by the last",
     )
     plot.add_argument(
         "--metric",
@@ -222,6 +217,19 @@ def _parser() -> argparse.ArgumentParser:
         "--ensemble", choices=("logits", "probs"), default="logits", help=ENSEMBLE_HELP
     )
     return parser
+
+
+def _transforms_option(
+    parser: argparse.ArgumentParser, default: Sequence[str], help_text: str
+) -> None:
+    parser.add_argument(
+        "--transforms",
+        nargs="+",
+        choices=TRANSFORMS,
+        default=list(default),
+        metavar="TRANSFORM",
+        help=f"{help_text} (default: {' '.join(default)})",
+    )
 
 
 def _output_options(parser: argparse.ArgumentParser) -> None:
@@ -307,7 +315,11 @@ def _run(args: argparse.Namespace) -> int:
         from posthoc_tune.retention import compact
 
         report = compact(
-            args.experiment, keep=args.keep, drop_trials=args.drop_trials, dry_run=args.dry_run
+            args.experiment,
+            keep=args.keep,
+            drop_trials=args.drop_trials,
+            transforms=args.transforms,
+            dry_run=args.dry_run,
         )
         verb = "would delete" if args.dry_run else "deleted"
         print(

@@ -20,12 +20,12 @@ import numpy as np
 import pyarrow as pa
 
 from posthoc_tune.groups import without_path
-from posthoc_tune.keys import METRICS, SPLITS, parse_transform
-from posthoc_tune.metrics import evaluate
+from posthoc_tune.keys import METRICS, SPLITS, VARIANTS, Transform, metric_key, parse_transform
+from posthoc_tune.scoring import score, store_labels, window
 from posthoc_tune.store import PredictionStore, VariantParts
-from posthoc_tune.transforms import Combiner, apply_transform
+from posthoc_tune.transforms import Combiner
 
-Scores = dict[str, float]  # "{split}/{metric}": "val/nll", "test/error", ...
+Scores = dict[str, float]  # metric key -> value: "val/swa+ts/nll", "test/base/error", ...
 DEFAULT_METRICS: tuple[str, ...] = ("nll", "error")  # what the selection table reports
 
 _COMBINER = b"posthoc_tune.combiner"
@@ -63,35 +63,47 @@ def scan(
     group: str,
     members: list[str],
     config: dict[str, Any],
-    transforms: Sequence[str],
+    transforms: Sequence[str | Transform],
     ensemble: Combiner,
     metrics: Sequence[str] = DEFAULT_METRICS,
 ) -> Curves:
     """Score ``transforms`` on every stored epoch of a configuration's ``members``, reading
-    one epoch of its members at a time (memory stays flat in the number of epochs); epochs a
-    compaction deleted come from the configuration's stored scores."""
+    one epoch of its members at a time and keeping the last few a checkpoint window needs
+    (memory stays flat in the number of epochs); epochs a compaction deleted come from the
+    configuration's stored scores."""
     curves = Curves(group, config, members)
-    parsed = {t: parse_transform(t) for t in transforms}
-    for t in transforms:
-        if parsed[t].ens:
-            curves.ens[t] = {}
+    parsed = [parse_transform(t) for t in transforms]
+    for t in parsed:
+        if t.ens:
+            curves.ens[t.name] = {}
         else:
-            curves.single[t] = {m: {} for m in members}
+            curves.single[t.name] = {m: {} for m in members}
+    depth = max((t.window for t in parsed if not t.ens), default=1)
+    labels = store_labels(store)
     epochs = {m: set(store.epochs(m)) for m in members}
+    history: dict[str, dict[int, dict[str, VariantParts]]] = {m: {} for m in members}
     for epoch in sorted(set().union(*epochs.values())):
         read = {m: variants(store, m, epoch) for m in members if epoch in epochs[m]}
-        for t in transforms:
-            variant = parsed[t].variant
-            have = {m: r[variant] for m, r in read.items() if variant in r}
-            if parsed[t].ens:
+        for m, parts in read.items():
+            history[m] = {e: h for e, h in history[m].items() if e > epoch - depth}
+            history[m][epoch] = parts
+        for t in parsed:
+            if t.ens:
+                have = [r[t.variant] for r in read.values() if t.variant in r]
                 if len(have) == len(members):
-                    curves.ens[t][epoch] = transform_scores(
-                        store, list(have.values()), t, ensemble, metrics
+                    curves.ens[t.name][epoch] = score(
+                        t, have, labels, ensemble=ensemble, metrics=metrics
                     )
-            else:
-                for m, part in have.items():
-                    curves.single[t][m][epoch] = transform_scores(
-                        store, [part], t, ensemble, metrics
+                continue
+            for m in read:
+                members_of = window(t, epoch, history[m])
+                if members_of is not None and not t.combines:
+                    # A single model's TS is refit on its stored logits (which may be
+                    # float16); recorded temperatures serve the members of a combination.
+                    members_of = [VariantParts(p.logits, None) for p in members_of]
+                if members_of is not None:
+                    curves.single[t.name][m][epoch] = score(
+                        t, members_of, labels, ensemble=ensemble, metrics=metrics
                     )
     _fill_from_stored_scores(store, curves, ensemble, metrics)
     return curves
@@ -102,36 +114,10 @@ def variants(store: PredictionStore, trial_id: str, epoch: int) -> dict[str, Var
     parts = store.read_epoch(trial_id, epoch)
     temperatures = store.temperatures(trial_id, epoch)
     out = {}
-    for variant in ("base", "swa"):
+    for variant in VARIANTS:
         logits = {s: z for (s, v), z in parts.items() if v == variant}
         if "val" in logits:
             out[variant] = VariantParts(logits, temperatures.get(variant))
-    return out
-
-
-def transform_scores(
-    store: PredictionStore,
-    parts: Sequence[VariantParts],
-    transform: str,
-    ensemble: Combiner,
-    metrics: Sequence[str] = DEFAULT_METRICS,
-) -> Scores:
-    """Scores of a transform of one or more members' logits of its variant (TS fit on val,
-    applied unchanged to test; the members' recorded temperatures reused)."""
-    tests = [p.logits["test"] for p in parts] if all("test" in p.logits for p in parts) else None
-    val, test = apply_transform(
-        transform,
-        [p.logits["val"] for p in parts],
-        store.labels("val"),
-        tests,
-        ensemble=ensemble,
-        member_temperatures=[p.temperature for p in parts],
-    )
-    out = {f"val/{m}": v for m, v in evaluate(val, store.labels("val"), metrics).items()}
-    if test is not None:
-        out.update(
-            {f"test/{m}": v for m, v in evaluate(test, store.labels("test"), metrics).items()}
-        )
     return out
 
 
@@ -142,16 +128,20 @@ def naive_ensembles(
     base-best epochs within ``curves`` (which a replay may have cut short), for the
     objectives of ``select_by`` (``"same"``: nll and error; ``"nll"``: nll)."""
     curves.naive_ens.clear()
+    labels = store_labels(store)
     for t in curves.ens:
         variant = parse_transform(t).variant
         for obj in objectives(select_by):
-            chosen = {m: argbest(curves.single["base"][m], f"val/{obj}") for m in curves.members}
+            key = metric_key("val", "base", obj)
+            chosen = {m: argbest(curves.single["base"][m], key) for m in curves.members}
             picked = {m: e for m, e in chosen.items() if e is not None}
             if len(picked) < len(curves.members):
                 curves.naive_ens[(t, obj)] = {}
                 continue
             parts = [variants(store, m, e)[variant] for m, e in picked.items()]
-            curves.naive_ens[(t, obj)] = transform_scores(store, parts, t, ensemble)
+            curves.naive_ens[(t, obj)] = score(
+                t, parts, labels, ensemble=ensemble, metrics=DEFAULT_METRICS
+            )
 
 
 def objectives(select_by: str) -> tuple[str, ...]:
@@ -159,23 +149,54 @@ def objectives(select_by: str) -> tuple[str, ...]:
     return ("nll", "error") if select_by == "same" else ("nll",)
 
 
+def best_epoch(curve: Mapping[int, float], mode: str = "min") -> tuple[int | None, float]:
+    """The epoch with the best finite value (the earliest on ties) and the value, or
+    ``(None, nan)``: how every selection over epochs picks one."""
+    sign = 1.0 if mode == "min" else -1.0
+    finite = {e: v for e, v in curve.items() if v is not None and math.isfinite(v)}
+    if not finite:
+        return None, math.nan
+    epoch = min(finite, key=lambda e: (sign * finite[e], e))
+    return epoch, finite[epoch]
+
+
 def argbest(curve: Mapping[int, Scores], key: str) -> int | None:
     """The epoch with the lowest finite ``key`` (the earliest on ties), or None."""
-    finite = {e: s[key] for e, s in curve.items() if key in s and math.isfinite(s[key])}
-    return min(finite, key=lambda e: (finite[e], e)) if finite else None
+    return best_epoch({e: s[key] for e, s in curve.items() if key in s})[0]
+
+
+def members_best(
+    per_member: Mapping[str, Mapping[int, Scores]], key: str, mode: str = "min"
+) -> list[tuple[int | None, float]]:
+    """Each member's best epoch by ``key`` and its value there: what naive selection keeps
+    of each seed (and ranks a configuration by, their mean)."""
+    return [
+        best_epoch({e: s.get(key, math.nan) for e, s in curve.items()}, mode)
+        for curve in per_member.values()
+    ]
+
+
+def members_mean(per_member: Mapping[str, Mapping[int, float]]) -> dict[int, float]:
+    """The members' mean at each epoch every member has: what a per-trial key scores a
+    configuration by (its seeds are judged together, as its ensemble would be)."""
+    if not per_member:
+        return {}
+    common = set.intersection(*(set(c) for c in per_member.values()))
+    return {e: float(np.mean([c[e] for c in per_member.values()])) for e in sorted(common)}
 
 
 def objective_curve(curves: Curves, transform: str, key: str) -> dict[int, float]:
-    """What selection ranks a configuration by, per epoch: the ensemble's value for an
-    ensemble transform, the members' mean where every member has the epoch otherwise."""
+    """What selection ranks a configuration by, per epoch (``key`` a metric key of
+    ``transform``): the ensemble's value for a group transform, the members' mean where every
+    member has the epoch otherwise."""
     if parse_transform(transform).ens:
         return {e: s.get(key, math.nan) for e, s in sorted(curves.ens[transform].items())}
-    per_member = curves.single[transform]
-    common = set.intersection(*(set(c) for c in per_member.values()))
-    return {
-        e: float(np.mean([per_member[m][e].get(key, math.nan) for m in per_member]))
-        for e in sorted(common)
-    }
+    return members_mean(
+        {
+            m: {e: s.get(key, math.nan) for e, s in c.items()}
+            for m, c in curves.single[transform].items()
+        }
+    )
 
 
 # -- stored scores of compacted configurations ---------------------------------------------------
@@ -184,13 +205,17 @@ def objective_curve(curves: Curves, transform: str, key: str) -> dict[int, float
 def scores_table(curves: Curves, ensemble: Combiner) -> pa.Table:
     """A configuration's curves as a table (one row per member, or ensemble, transform and
     epoch; a column per split/metric), to store before logits are deleted."""
-    columns = [f"{s}/{m}" for s in SPLITS for m in METRICS]
+    columns = [f"{s}/{m}" for s in SPLITS for m in METRICS]  # the file's columns: split/metric
     rows: list[dict[str, Any]] = []
+
+    def row(member: str | None, t: str, epoch: int, scores: Scores) -> dict[str, Any]:
+        return {"member": member, "transform": t, "epoch": epoch, **_columns(scores, t)}
+
     for t, per_member in curves.single.items():
         for m, curve in per_member.items():
-            rows += [{"member": m, "transform": t, "epoch": e, **s} for e, s in curve.items()]
+            rows += [row(m, t, e, s) for e, s in curve.items()]
     for t, curve in curves.ens.items():
-        rows += [{"member": None, "transform": t, "epoch": e, **s} for e, s in curve.items()]
+        rows += [row(None, t, e, s) for e, s in curve.items()]
     schema = pa.schema(
         [("member", pa.string()), ("transform", pa.string()), ("epoch", pa.int32())]
         + [(c, pa.float64()) for c in columns],
@@ -213,10 +238,14 @@ def _fill_from_stored_scores(
     same_ensemble = metadata.get(_COMBINER, b"").decode() == ensemble and json.loads(
         metadata.get(_MEMBERS, b"[]")
     ) == sorted(curves.members)
-    keys = [f"{s}/{m}" for s in SPLITS for m in metrics if f"{s}/{m}" in table.column_names]
+    columns = [(s, m) for s in SPLITS for m in metrics if f"{s}/{m}" in table.column_names]
     for row in table.to_pylist():
-        scores = {k: row[k] for k in keys if not (k.startswith("test/") and math.isnan(row[k]))}
         t, m, epoch = row["transform"], row["member"], row["epoch"]
+        scores = {
+            metric_key(s, t, k): row[f"{s}/{k}"]
+            for s, k in columns
+            if not (s == "test" and math.isnan(row[f"{s}/{k}"]))
+        }
         if m is None:
             if same_ensemble and t in curves.ens:
                 curves.ens[t].setdefault(epoch, scores)
@@ -227,3 +256,13 @@ def _fill_from_stored_scores(
             per_member[m] = dict(sorted(curve.items()))
     for t, curve in curves.ens.items():
         curves.ens[t] = dict(sorted(curve.items()))
+
+
+def _columns(scores: Scores, transform: str) -> dict[str, float]:
+    """A transform's scores keyed by the stored table's ``split/metric`` columns."""
+    return {
+        f"{s}/{m}": scores[metric_key(s, transform, m)]
+        for s in SPLITS
+        for m in METRICS
+        if metric_key(s, transform, m) in scores
+    }

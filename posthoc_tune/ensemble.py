@@ -22,10 +22,10 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from posthoc_tune.keys import SPLITS, Transform, check_name, parse_transform
-from posthoc_tune.metrics import evaluate
+from posthoc_tune.keys import METRICS, SPLITS, Transform, check_name, parse_transform
+from posthoc_tune.scoring import score, store_labels
 from posthoc_tune.store import PredictionStore, VariantParts
-from posthoc_tune.transforms import Combiner, apply_transform
+from posthoc_tune.transforms import Combiner
 
 _READ_THREADS = 8
 COLUMNS = ("group", "epoch", "transform", "combiner", "n_members", "members", "key", "value")
@@ -117,22 +117,9 @@ def _metrics(
     """The ensemble's metrics from its members' read parts (members read as None left out)."""
     found = {m: p for m, p in sorted(parts.items()) if p is not None}
     if not found:
-        return (), {f"val/{transform}/{m}": math.nan for m in ("nll", "error", "ece", "brier")}
-    logits = [p.logits for p in found.values()]
-    y_val = store.labels("val")
-    has_test = "test" in splits and all("test" in z for z in logits)
-    val_z, test_z = apply_transform(
-        transform,
-        [z["val"] for z in logits],
-        y_val,
-        [z["test"] for z in logits] if has_test else None,
-        ensemble=ensemble,
-        member_temperatures=[p.temperature for p in found.values()],
-    )
-    values = {f"val/{transform}/{m}": v for m, v in evaluate(val_z, y_val).items()}
-    if test_z is not None:
-        y_test = store.labels("test")
-        values.update({f"test/{transform}/{m}": v for m, v in evaluate(test_z, y_test).items()})
+        return (), {f"val/{transform}/{m}": math.nan for m in METRICS}
+    labels = store_labels(store, ["val", *splits])
+    values = score(transform, list(found.values()), labels, ensemble=ensemble, splits=splits)
     return tuple(found), values
 
 
@@ -209,6 +196,17 @@ class EnsembleEvaluator:
             )
         return value
 
+    def remember(self, values: Iterable[EnsembleValue]) -> None:
+        """Cache evaluations computed elsewhere (a replay's scan of the same logits), so
+        that they are not computed again."""
+        for value in values:
+            if value.combiner != self.ensemble:
+                raise ValueError(
+                    f"evaluation of group {value.group!r} used the {value.combiner!r} "
+                    f"combiner, this evaluator {self.ensemble!r}"
+                )
+            self._cache[(value.group, value.epoch, value.transform)] = value
+
     def load(self) -> int:
         """Fill the cache from the values persisted in the store (after a driver restart);
         returns how many evaluations were loaded."""
@@ -233,22 +231,6 @@ class EnsembleEvaluator:
         """Every cached evaluation in long format (columns :data:`COLUMNS`)."""
         rows = [row for value in self._cache.values() for row in value.rows()]
         return pd.DataFrame(rows, columns=list(COLUMNS))
-
-
-_SHARED: dict[tuple[str, str, str, tuple[str, ...]], EnsembleEvaluator] = {}
-
-
-def shared_evaluator(
-    store: PredictionStore, *, ensemble: Combiner, splits: Sequence[str]
-) -> EnsembleEvaluator:
-    """The process's one evaluator for an experiment's store (loaded from its persisted
-    values), so PostHocASHA and PostHocSearch on one experiment share cached ensembles and
-    prefetched reads instead of computing each rung twice."""
-    key = (store.filesystem.type_name, store.root, ensemble, tuple(splits))
-    if key not in _SHARED:
-        _SHARED[key] = EnsembleEvaluator(store, ensemble=ensemble, splits=splits)
-        _SHARED[key].load()
-    return _SHARED[key]
 
 
 def ensemble_table(store: PredictionStore) -> pd.DataFrame:

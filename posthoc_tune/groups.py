@@ -3,7 +3,8 @@
 A group is the unit that ensembles, PostHocASHA and PostHocSearch reason about. The group key
 is a stable hash of the config without the seed and without Tune-internal keys (top-level
 names starting with ``__``, such as ``__trial_index__``, the only place Tune adds them), so it
-is identical on every node and across restarts.
+is identical on every node and across restarts. :class:`SeedGroup` is how PostHocASHA and
+PostHocSearch follow a group while it runs: its members' status and progress.
 
 A seed key may be a path: ``"train_loop_config/seed"`` is ``config["train_loop_config"]["seed"]``
 ("/" separates levels, as in the nested paths of Tune and Optuna), for Ray Train's
@@ -19,7 +20,8 @@ import json
 import math
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 
@@ -159,6 +161,64 @@ def member_seed(config: Mapping[str, Any], seed_key: str = "seed") -> int:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise ValueError(f"seed {seed_key!r} must be an int, got {seed!r}")
     return int(seed)
+
+
+Status = Literal["live", "done", "error"]
+LIVE: Status = "live"
+DONE: Status = "done"  # finished, or stopped
+ERROR: Status = "error"  # failed for good, or until Tune's retry re-adds it
+
+
+@dataclass
+class Member:
+    """A member's progress: its furthest epoch, and its latest time (a scheduler's progress
+    attribute; None until it reports after a (re)start, when it resumes from a checkpoint)."""
+
+    status: Status = LIVE
+    epoch: int = 0
+    time: float | None = None
+
+
+@dataclass
+class SeedGroup:
+    """A running seed group: its members (Tune trial ids), their status and progress.
+
+    Failed members are never waited for: a group is judged on the members that can still
+    report, as one would ship the ensemble of the members that trained.
+    """
+
+    members: dict[str, Member] = field(default_factory=dict)
+
+    def join(self, trial_id: str, status: Status = LIVE) -> None:
+        """Add a member, or add it again (a retried or restored trial): its time is unknown
+        until it reports from its checkpoint."""
+        member = self.members.setdefault(trial_id, Member())
+        member.status, member.time = status, None
+
+    def report(self, trial_id: str, epoch: int, time: float | None = None) -> None:
+        """A member's result at ``epoch`` (and ``time``, where the caller tracks one)."""
+        member = self.members[trial_id]
+        member.epoch = max(member.epoch, epoch)
+        member.time = time
+
+    def ids(self, *statuses: Status) -> list[str]:
+        """The members with one of ``statuses``, in the order they joined."""
+        return [t for t, m in self.members.items() if m.status in statuses]
+
+    def common_epoch(self) -> int:
+        """The epoch every member that has not failed reached (0 before each has reported):
+        finished members count, as an ensemble without them would be another model."""
+        return min((m.epoch for m in self.members.values() if m.status != ERROR), default=0)
+
+    def live_time(self) -> float | None:
+        """The time every live member reached (the slowest one's), None while a live member
+        has not reported since it (re)started; once none is live, the furthest finished
+        member's time. A live group waits for its members, not for those that are done."""
+        live = [m.time for m in self.members.values() if m.status == LIVE]
+        if live:
+            return None if None in live else min(t for t in live if t is not None)
+        done = [m.time for m in self.members.values() if m.status == DONE and m.time is not None]
+        return max(done) if done else None
 
 
 def with_seeds(param_space: Mapping[str, Any], n: int, key: str = "seed") -> dict[str, Any]:

@@ -27,9 +27,16 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from posthoc_tune.curves import Curves, Scores, argbest, configurations, objective_curve, scan
+from posthoc_tune.curves import (
+    Curves,
+    best_epoch,
+    configurations,
+    members_best,
+    objective_curve,
+    scan,
+)
 from posthoc_tune.display import config_legend, config_titles
-from posthoc_tune.keys import PLOT_TRANSFORMS, check_name, parse_transform
+from posthoc_tune.keys import PLOT_TRANSFORMS, check_name, metric_key, parse_transform
 from posthoc_tune.selection import leaderboard, open_store
 from posthoc_tune.transforms import Combiner
 
@@ -85,31 +92,27 @@ def experiment_figures(
     naive = {}
     for group, (members, config) in groups.items():
         curves = scan(store, group, members, config, needed, ensemble)
-        naive[group] = [_best_value(curves.single["base"][m], f"val/{metric}") for m in members]
+        best = members_best(curves.single["base"], metric_key("val", "base", metric))
+        naive[group] = [value for _, value in best]
         yield (
             f"curves_{labels[group]}_{group}",
             _curves_figure(curves, names, metric, titles[group]),
         )
-    key = f"val/{names[-1]}/{metric}"
+    key = metric_key("val", names[-1], metric)
     board = leaderboard(store, metric=key, ensemble=ensemble)
     yield "leaderboard", _leaderboard_figure(board, key, titles, naive)
-
-
-def _best_value(curve: Mapping[int, Scores], key: str) -> float:
-    epoch = argbest(curve, key)
-    return math.nan if epoch is None else curve[epoch][key]
 
 
 def _curves_figure(curves: Curves, transforms: list[str], metric: str, title: str) -> Figure:
     figure = Figure(figsize=(12, 4.2), layout="constrained")
     axes = figure.subplots(1, 2)
-    val_key = f"val/{metric}"
-    naive = {m: argbest(curves.single["base"][m], val_key) for m in curves.members}
+    best = members_best(curves.single["base"], metric_key("val", "base", metric))
+    naive = {m: epoch for m, (epoch, _) in zip(curves.single["base"], best, strict=True)}
     last = transforms[-1]
-    base_best = _argbest(objective_curve(curves, "base", val_key))
-    posthoc = _argbest(objective_curve(curves, last, val_key))
+    base_best = best_epoch(objective_curve(curves, "base", metric_key("val", "base", metric)))[0]
+    posthoc = best_epoch(objective_curve(curves, last, metric_key("val", last, metric)))[0]
     for ax, split in zip(axes, ("val", "test"), strict=True):
-        key = f"{split}/{metric}"
+        key = metric_key(split, "base", metric)
         for i, member in enumerate(curves.members):
             scores = curves.single["base"][member]
             epochs = sorted(scores)
@@ -135,7 +138,7 @@ def _curves_figure(curves: Curves, transforms: list[str], metric: str, title: st
                 )
         empty = []
         for transform in ["base", *transforms]:
-            curve = objective_curve(curves, transform, key)
+            curve = objective_curve(curves, transform, metric_key(split, transform, metric))
             style = {"color": "black", "linewidth": 2} if transform == "base" else {}
             label = "base (members' mean)" if transform == "base" else transform
             ax.plot(
@@ -159,10 +162,6 @@ def _curves_figure(curves: Curves, transforms: list[str], metric: str, title: st
     figure.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize=8)
     figure.suptitle(title, fontsize=10)
     return figure
-
-
-def _argbest(curve: Mapping[int, float]) -> int | None:
-    return argbest({e: {"v": v} for e, v in curve.items()}, "v")
 
 
 def _title(ax: Axes, title: str, empty: list[str]) -> None:

@@ -27,15 +27,14 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from posthoc_tune.curves import Curves, configurations, naive_ensembles, scan
-from posthoc_tune.ensemble import EnsembleEvaluator
-from posthoc_tune.keys import TRANSFORMS, parse_metric_key, parse_transform
+from posthoc_tune.ensemble import EnsembleEvaluator, EnsembleValue
+from posthoc_tune.keys import TRIAL_TRANSFORMS, parse_metric_key, parse_transform
 from posthoc_tune.schedulers import PostHocASHA
 from posthoc_tune.selection import open_store, summarise, table_row
 from posthoc_tune.store import PredictionStore
 from posthoc_tune.transforms import Combiner
 
 Selection = Literal["naive", "posthoc"]
-_SINGLE = tuple(t for t in TRANSFORMS if not parse_transform(t).ens)
 _REPLAYED_METRICS = ("nll", "error")
 
 
@@ -98,7 +97,7 @@ class Experiment:
         self.max_epochs, self._compacted, self._pruned = _budget(self.store, groups)
         self.seed_key = _seed_key(self.store, self.max_epochs)
         ens = [parse_transform(t).name for t in transforms]
-        self._transforms = list(dict.fromkeys([*_SINGLE, *ens]))
+        self._transforms = list(dict.fromkeys([*TRIAL_TRANSFORMS, *ens]))
         self.curves: dict[str, Curves] = {}
         for group, (members, config) in groups.items():
             curves = scan(self.store, group, members, config, self._transforms, ensemble)
@@ -141,11 +140,8 @@ class Experiment:
             "time_total_s": float(epoch),
             "done": False,
         }
-        for t in _SINGLE:
-            scores = self._single(t, trial_id).get(epoch, {})
-            result.update(
-                {f"{k.split('/')[0]}/{t}/{k.split('/')[1]}": v for k, v in scores.items()}
-            )
+        for t in TRIAL_TRANSFORMS:
+            result.update(self._single(t, trial_id).get(epoch, {}))
         return result
 
     def replay(
@@ -183,18 +179,32 @@ class Experiment:
         if concurrency is not None and (isinstance(concurrency, bool) or concurrency < 1):
             raise ValueError(f"concurrency must be an int >= 1, got {concurrency!r}")
         if isinstance(scheduler, PostHocASHA):
-            # Read members' logits as in a live run, but leave the stored experiment as it is.
-            scheduler.attach_evaluator(
-                EnsembleEvaluator(
-                    self.store, ensemble=scheduler.ensemble, splits=["val"], persist=False
-                )
+            # Evaluate as in a live run, but leave the stored experiment as it is, and take
+            # the ensembles this experiment already scored instead of scoring them again.
+            evaluator = EnsembleEvaluator(
+                self.store, ensemble=scheduler.ensemble, splits=["val"], persist=False
             )
+            if scheduler.ensemble == self.ensemble:
+                evaluator.remember(self._ensemble_values(scheduler.metric))
+            scheduler.attach_evaluator(evaluator)
         cluster = _Cluster(self, scheduler, self._start_order(seed))
         if order is None:
             cluster.run_clock(concurrency or len(self.trials))
         else:
             cluster.run_order(order)
         return Replay(cluster.epochs, cluster.order, scheduler)
+
+    def _ensemble_values(self, metric: str | None) -> list[EnsembleValue]:
+        """The scanned ensembles of every group and epoch (all members), when they hold
+        ``metric`` (a replay scans nll and error)."""
+        if metric is None or parse_metric_key(metric)[2] not in _REPLAYED_METRICS:
+            return []
+        return [
+            EnsembleValue(group, epoch, t, self.ensemble, tuple(sorted(c.members)), scores)
+            for group, c in self.curves.items()
+            for t, by_epoch in c.ens.items()
+            for epoch, scores in by_epoch.items()
+        ]
 
     def _start_order(self, seed: int | None) -> list[str]:
         if seed is None:

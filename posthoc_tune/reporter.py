@@ -20,7 +20,8 @@ import contextlib
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -29,13 +30,12 @@ import torch
 from posthoc_tune._arrays import ArrayLike, integer_tensor, to_numpy
 from posthoc_tune._session import TRIAL_KEY, current_session
 from posthoc_tune.groups import check_seed_key
-from posthoc_tune.keys import VARIANTS, metric_keys
-from posthoc_tune.metrics import evaluate
-from posthoc_tune.store import Dtype, PredictionStore
+from posthoc_tune.keys import TRIAL_TRANSFORMS, VARIANTS, metric_keys, parse_transform
+from posthoc_tune.scoring import score, window
+from posthoc_tune.store import Dtype, PredictionStore, VariantParts
 from posthoc_tune.transforms import TemperatureScaler, WeightAverager, unwrap_model
 
 STATE_FILE = "posthoc_state.pt"
-_TS_NAME = {"base": "ts", "swa": "swa+ts"}
 
 
 class Stateful(Protocol):
@@ -251,6 +251,10 @@ class PostHocReporter:
             store and return them only, for trainers that report themselves (Lightning, the
             Hugging Face Trainer) and users who report their own way; the checkpoints are
             then theirs too (``checkpoint=`` is refused; save :meth:`state_dict`).
+        transforms: the trial-scope transforms to compute (default: all of
+            ``posthoc_tune.TRIAL_TRANSFORMS``); the others' keys are reported as NaN. The
+            checkpoint ensembles (``ckpt*``) keep their window's past logits in memory (and in
+            the checkpoint): drop them to save that memory.
     """
 
     def __init__(
@@ -271,6 +275,7 @@ class PostHocReporter:
         trial_id: str = "local",
         store_dtype: Dtype = "float32",
         report: bool = True,
+        transforms: Sequence[str] | None = None,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -298,6 +303,10 @@ class PostHocReporter:
             self.model, start_epoch=swa_start_epoch, trainable_only=swa_trainable_only
         )
         self._scalers = {v: TemperatureScaler(warm_start=True) for v in VARIANTS}
+        self.transforms = _reported(transforms)
+        self._depth = max(parse_transform(t).window for t in self.transforms)
+        # The last epochs' logits by variant, as long as a checkpoint window needs them.
+        self._history: dict[int, dict[str, VariantParts]] = {}
         self._checkpoint = dict(checkpoint) if checkpoint is not None else None
         self.checkpoint_every = checkpoint_every
         self.report = report
@@ -396,19 +405,27 @@ class PostHocReporter:
     def _metrics(
         self, logits: Mapping[tuple[str, str], np.ndarray], labels: Mapping[str, np.ndarray]
     ) -> dict[str, float]:
+        """Fit each variant's temperature (warm-started from the last epoch), remember the
+        epoch's logits for checkpoint windows, and score the reported transforms."""
         result = dict.fromkeys(metric_keys(), math.nan)
         result["epoch"] = self.epoch
+        parts = {}
         for variant in VARIANTS:
             result[f"temperature/{variant}"] = math.nan
             if ("val", variant) not in logits:
                 continue
             scaler = self._scalers[variant].fit(logits[("val", variant)], labels["val"])
             result[f"temperature/{variant}"] = scaler.temperature_
-            for split in self.splits:
-                raw = logits[(split, variant)]
-                for name, z in ((variant, raw), (_TS_NAME[variant], scaler.transform(raw))):
-                    for metric, value in evaluate(z, labels[split]).items():
-                        result[f"{split}/{name}/{metric}"] = value
+            by_split = {split: logits[(split, variant)] for split in self.splits}
+            parts[variant] = VariantParts(by_split, scaler.temperature_)
+        self._history = {e: h for e, h in self._history.items() if e > self.epoch - self._depth}
+        self._history[self.epoch] = parts
+        if len(self._history) == 1 and self._depth > 1:
+            _warn_window_memory(self._depth * sum(z.nbytes for z in logits.values()))
+        for transform in self.transforms:
+            members = window(transform, self.epoch, self._history)
+            if members is not None:
+                result.update(score(transform, members, labels))
         return result
 
     def _write(
@@ -458,6 +475,13 @@ class PostHocReporter:
             "model": self.model.state_dict(),
             "swa": self.swa.state_dict(),
             "temperatures": {v: getattr(s, "temperature_", None) for v, s in self._scalers.items()},
+            "window": {
+                epoch: {
+                    v: {"logits": _tensors(p.logits), "temperature": p.temperature}
+                    for v, p in parts.items()
+                }
+                for epoch, parts in self._history.items()
+            },
             "objects": {k: obj.state_dict() for k, obj in (self._checkpoint or {}).items()},
         }
 
@@ -475,8 +499,18 @@ class PostHocReporter:
             obj.load_state_dict(state["objects"][name])
         for variant, temperature in state["temperatures"].items():
             if temperature is not None:
-                scaler = self._scalers[variant]
-                scaler.temperature_, scaler.fallback_ = float(temperature), False
+                self._scalers[variant] = TemperatureScaler.from_temperature(
+                    temperature, warm_start=True
+                )
+        self._history = {
+            int(epoch): {
+                v: VariantParts(
+                    {k: z.cpu().numpy() for k, z in p["logits"].items()}, p["temperature"]
+                )
+                for v, p in parts.items()
+            }
+            for epoch, parts in state.get("window", {}).items()
+        }
         self.epoch = int(state["epoch"])
         self._labels_written = False
 
@@ -484,6 +518,41 @@ class PostHocReporter:
         device = next(iter(self.model.parameters()), torch.empty(0)).device
         state: dict[str, Any] = torch.load(path, map_location=device, weights_only=True)
         return state
+
+
+def _reported(transforms: Sequence[str] | None) -> tuple[str, ...]:
+    """The trial-scope transforms a reporter computes, validated."""
+    if transforms is None:
+        return TRIAL_TRANSFORMS
+    if isinstance(transforms, str) or not transforms:
+        raise ValueError(f"transforms must be a non-empty list of names, got {transforms!r}")
+    names = tuple(dict.fromkeys(parse_transform(t).name for t in transforms))
+    group = [t for t in names if parse_transform(t).ens]
+    if group:
+        raise ValueError(
+            f"transforms {group} combine a seed group, which only the driver sees: a trial "
+            f"reports its own, any of {list(TRIAL_TRANSFORMS)}"
+        )
+    return names
+
+
+WINDOW_WARNING_BYTES = 1 << 30
+
+
+def _warn_window_memory(nbytes: int) -> None:
+    """Say what the checkpoint ensembles' window costs when it is large (many classes)."""
+    if nbytes > WINDOW_WARNING_BYTES:
+        warnings.warn(
+            f"the checkpoint ensembles (ckpt*) keep {nbytes / 2**30:.1f} GiB of past logits in "
+            f"memory and in each checkpoint; pass transforms=['base', 'ts', 'swa', 'swa+ts'] "
+            f"to leave them out (a stored experiment can score them later from its logits)",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def _tensors(logits: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {split: torch.from_numpy(z) for split, z in logits.items()}
 
 
 __all__ = ["PostHocReporter"]

@@ -21,19 +21,20 @@ which halves the footprint. Nothing is deleted unless asked: :func:`compact` is 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from posthoc_tune.curves import (
     Curves,
     argbest,
+    best_epoch,
     configurations,
     objective_curve,
     scan,
     scores_table,
 )
-from posthoc_tune.keys import METRICS, TRANSFORMS
+from posthoc_tune.keys import METRICS, TABLE_TRANSFORMS, TRANSFORMS, metric_key, parse_transform
 from posthoc_tune.selection import open_store
 from posthoc_tune.transforms import Combiner
 
@@ -55,25 +56,39 @@ class Compaction:
         return sum(len(e) for e in self.dropped_epochs.values())
 
 
-def selectable_epochs(curves: Curves) -> dict[str, set[int]]:
+def selectable_epochs(
+    curves: Curves, transforms: Sequence[str] = TRANSFORMS
+) -> dict[str, set[int]]:
     """Per member, the epochs a naive or post-hoc selection of any transform can pick, by
     val nll or val error: each member's best epoch of each single-model transform, and the
     best common epoch of each ensemble and of each single-model transform's mean over the
-    members (the leaderboard's pick for a per-trial key), for every member."""
-    keep: dict[str, set[int | None]] = {m: set() for m in curves.members}
+    members (the leaderboard's pick for a per-trial key), for every member; with a
+    checkpoint window, every epoch of the window ending at a picked epoch (the models it
+    averages)."""
+    keep: dict[str, set[int]] = {m: set() for m in curves.members}
+
+    def add(member: str, epoch: int | None, transform: str) -> None:
+        if epoch is not None:
+            keep[member].update(parse_transform(transform).epochs(epoch))
+
+    names = {parse_transform(t).name for t in transforms}
     for obj in _OBJECTIVES:
-        key = f"val/{obj}"
         for transform, per_member in curves.single.items():
+            if transform not in names:
+                continue
+            key = metric_key("val", transform, obj)
             for m, curve in per_member.items():
-                keep[m].add(argbest(curve, key))
-            common = {e: {key: v} for e, v in objective_curve(curves, transform, key).items()}
+                add(m, argbest(curve, key), transform)
+            common = best_epoch(objective_curve(curves, transform, key))[0]
             for m in curves.members:
-                keep[m].add(argbest(common, key))
-        for curve in curves.ens.values():
-            epoch = argbest(curve, key)
+                add(m, common, transform)
+        for transform, curve in curves.ens.items():
+            if transform not in names:
+                continue
+            epoch = argbest(curve, metric_key("val", transform, obj))
             for m in curves.members:
-                keep[m].add(epoch)
-    return {m: {e for e in epochs if e is not None} for m, epochs in keep.items()}
+                add(m, epoch, transform)
+    return keep
 
 
 def compact(
@@ -82,6 +97,7 @@ def compact(
     keep: Keep = "selectable",
     drop_trials: Iterable[str] = (),
     ensemble: Combiner = "logits",
+    transforms: Sequence[str] = TABLE_TRANSFORMS,
     dry_run: bool = False,
 ) -> Compaction:
     """Delete what later selection does not need from an experiment's store.
@@ -94,6 +110,10 @@ def compact(
             ``pruned_trials``.
         ensemble: the combiner later selections will use (it decides the ensembles' best
             epochs).
+        transforms: the transforms whose selected models keep their logits (default: the
+            selection table's rows); a checkpoint ensemble (``ckpt*``) keeps its whole window
+            of epochs. Every transform's scores are stored either way, so tables of any
+            transform stay the same.
         dry_run: report what would be deleted, delete nothing.
 
     Run it after the experiment has finished: trials still writing would race the deletes.
@@ -118,9 +138,10 @@ def compact(
                 continue
             curves = scan(store, group, members, config, TRANSFORMS, ensemble, METRICS)
             scored.append(curves)
-            for m, selectable in selectable_epochs(curves).items():
-                kept[m] = sorted(selectable)
-                deleted[m] = [e for e in store.epochs(m) if e not in selectable]
+            for m, selectable in selectable_epochs(curves, transforms).items():
+                stored = store.epochs(m)
+                kept[m] = [e for e in stored if e in selectable]
+                deleted[m] = [e for e in stored if e not in selectable]
     else:
         kept = {m: store.epochs(m) for m in sorted(trials - set(dropped))}
     if not dry_run:

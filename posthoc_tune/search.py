@@ -4,10 +4,10 @@ configuration's post-hoc objective.
 Ray's ``OptunaSearch`` tells Optuna one trial's metric and its ``Repeater`` averages only
 final values and loses its groups on restore; neither can tell a *seed group's* ensemble
 loss. Here one Optuna trial is one configuration: each ``ask`` becomes K Tune trials with
-identical values and seeds ``0..K-1``. Every epoch that all of a group's live members have
-reached is scored (the ensemble from the prediction store for group keys, the members' mean
-for per-trial keys) and reported to the Optuna trial, and when the group ends its objective
-(best or last epoch) is told.
+identical values and seeds ``0..K-1``. Every epoch that all of a group's members (failed ones
+excepted) have reached is scored (the ensemble from the prediction store for group keys, the
+members' mean for per-trial keys) and reported to the Optuna trial, and when the group ends
+its objective (best or last epoch) is told.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import copy
 import math
 import os
 import pickle
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -24,38 +24,41 @@ import optuna
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from posthoc_tune.ensemble import EnsembleEvaluator, shared_evaluator
+from posthoc_tune import keys
+from posthoc_tune._component import Context, Ensembles, on_group_key
+from posthoc_tune.curves import best_epoch, members_mean
+from posthoc_tune.ensemble import EnsembleEvaluator
 from posthoc_tune.groups import (
+    DONE,
+    ERROR,
+    LIVE,
+    SeedGroup,
     check_seed_key,
     flatten_config,
     has_path,
     unflatten_config,
     with_path,
 )
-from posthoc_tune.keys import check_objective, parse_metric_key
+from posthoc_tune.keys import check_objective
 from posthoc_tune.store import PredictionStore
-from posthoc_tune.transforms import Combiner
 
 if TYPE_CHECKING:
     from posthoc_tune.callback import PostHocCallback
-    from posthoc_tune.schedulers import PostHocASHA
+    from posthoc_tune.transforms import Combiner
 
 Objective = Literal["best", "last"]
 Distributions = dict[str, optuna.distributions.BaseDistribution]
 
 
 @dataclass
-class _Group:
-    """One Optuna trial: a configuration and its seed members."""
+class _Configuration:
+    """One Optuna trial: a configuration, its seed group and its scored epochs."""
 
     number: int
     storage_id: int  # Optuna's internal trial id, to report intermediate values after a restore
     params: dict[str, Any]
-    members: dict[str, int] = field(default_factory=dict)  # Tune trial id -> seed
-    progress: dict[str, int] = field(default_factory=dict)  # last epoch each member reported
-    member_values: dict[str, dict[int, float]] = field(default_factory=dict)  # per-trial keys
-    done: set[str] = field(default_factory=set)
-    errored: set[str] = field(default_factory=set)
+    group: SeedGroup = field(default_factory=SeedGroup)
+    reported: dict[str, dict[int, float]] = field(default_factory=dict)  # per-trial keys
     values: dict[int, float] = field(default_factory=dict)  # scored epochs
     key: str | None = None  # the reporter's group key, read once from the store
     told: bool = False
@@ -135,21 +138,38 @@ class PostHocSearch(Searcher):
         if space is not None:
             self._space = self._convert(space)
         self._study: optuna.Study | None = None
-        self._queue: list[tuple[int, int]] = []  # (group number, seed) still to suggest
-        self._groups: dict[int, _Group] = {}
-        self._trial_group: dict[str, int] = {}
+        self._queue: list[tuple[int, int]] = []  # (configuration number, seed) still to suggest
+        self._configs: dict[int, _Configuration] = {}
+        self._trial_config: dict[str, int] = {}
         if isinstance(store, (str, os.PathLike)):
             store = PredictionStore.open(store)
-        self._store: PredictionStore | None = store
-        self._evaluator: EnsembleEvaluator | None = None
-        self._schedulers: list[PostHocASHA] = []
+        self._ensembles = Ensembles(store, ensemble)
+        self._parsed: keys.Objective | None = None
+        self._context: Context | None = None
         self._callback: PostHocCallback | None = None
 
     # -- configuration ----------------------------------------------------------------------
 
     @property
+    def parsed_metric(self) -> keys.Objective | None:
+        """The metric key and mode, parsed (None until both are known: either may come from
+        ``TuneConfig``, and a restore brings them back)."""
+        metric, mode = self._metric, self._mode
+        if not metric or not mode:
+            return None
+        if self._parsed is None or (self._parsed.key, self._parsed.mode) != (metric, mode):
+            self._parsed = keys.Objective.parse(metric, mode)
+        return self._parsed
+
+    @property
     def is_group_metric(self) -> bool:
-        return self._metric is not None and parse_metric_key(self._metric)[1].ens
+        """Whether the metric is an ensemble (group) key."""
+        return on_group_key(self)
+
+    @property
+    def group_size(self) -> int:
+        """K: each configuration's members are created one by one, as Tune asks."""
+        return self.n_seeds
 
     @property
     def study(self) -> optuna.Study:
@@ -168,20 +188,24 @@ class PostHocSearch(Searcher):
             self._callback = PostHocCallback(self)
         return self._callback
 
-    def link(self, scheduler: PostHocASHA) -> None:
-        """Learn which trials ``scheduler`` pruned, to tell their groups PRUNED."""
-        if scheduler not in self._schedulers:
-            self._schedulers.append(scheduler)
-
     @property
     def store(self) -> PredictionStore | None:
         """The store group keys read: the one given, or the experiment's once attached."""
-        return self._store
+        return self._ensembles.store
 
-    def attach_store(self, store: PredictionStore) -> None:
-        """Use the experiment's store for group keys (unless one was given)."""
-        if self._store is None:
-            self._store = store
+    @property
+    def pruned_trials(self) -> Set[str]:
+        """Empty: a searcher stops no trial (a scheduler does)."""
+        return frozenset()
+
+    def attach(self, context: Context) -> None:
+        """Learn the callback's other components: a group one of them pruned is told PRUNED."""
+        self._context = context
+
+    def attach_evaluator(self, evaluator: EnsembleEvaluator) -> None:
+        """Evaluate group keys with ``evaluator`` (PostHocCallback's, on the experiment's
+        store, shared with its other components)."""
+        self._ensembles.evaluator = evaluator
 
     def set_search_properties(
         self, metric: str | None, mode: str | None, config: dict[str, Any], **spec: Any
@@ -242,115 +266,119 @@ class PostHocSearch(Searcher):
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         if not self._queue:
             trial = self._ensure_study().ask(fixed_distributions=self._space)
-            self._groups[trial.number] = _Group(trial.number, trial._trial_id, dict(trial.params))
+            self._configs[trial.number] = _Configuration(
+                trial.number, trial._trial_id, dict(trial.params)
+            )
             self._queue = [(trial.number, seed) for seed in range(self.n_seeds)]
         number, seed = self._queue.pop(0)
-        group = self._groups[number]
-        group.members[trial_id] = seed
-        self._trial_group[trial_id] = number
-        return with_path(unflatten_config(group.params), self.seed_key, seed)
+        config = self._configs[number]
+        config.group.join(trial_id)
+        self._trial_config[trial_id] = number
+        return with_path(unflatten_config(config.params), self.seed_key, seed)
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        group = self._group_of(trial_id)
-        if group is not None and not group.told:
-            self._record(group, trial_id, result)
-            self._score_ready_epochs(group)
+        config = self._config_of(trial_id)
+        if config is not None and not config.told:
+            self._record(config, trial_id, result)
+            self._score_ready_epochs(config)
 
     def on_trial_complete(
         self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
     ) -> None:
-        group = self._group_of(trial_id)
-        if group is None or group.told:
+        config = self._config_of(trial_id)
+        if config is None or config.told:
             return
         if result:
-            self._record(group, trial_id, result)
-        (group.errored if error else group.done).add(trial_id)
-        self._score_ready_epochs(group)
-        if len(group.done | group.errored) == self.n_seeds:
-            self._tell(group)
+            self._record(config, trial_id, result)
+        config.group.members[trial_id].status = ERROR if error else DONE
+        self._score_ready_epochs(config)
+        if len(config.group.members) == self.n_seeds and not config.group.ids(LIVE):
+            self._tell(config)
 
     # -- scoring ----------------------------------------------------------------------------
 
-    def _group_of(self, trial_id: str) -> _Group | None:
-        number = self._trial_group.get(trial_id)
-        return None if number is None else self._groups[number]
+    def _metric_objective(self) -> keys.Objective:
+        objective = self.parsed_metric
+        assert objective is not None  # trials run only once the study exists, which needs it
+        return objective
 
-    def _record(self, group: _Group, trial_id: str, result: Mapping[str, Any]) -> None:
+    def _config_of(self, trial_id: str) -> _Configuration | None:
+        number = self._trial_config.get(trial_id)
+        return None if number is None else self._configs[number]
+
+    def _record(self, config: _Configuration, trial_id: str, result: Mapping[str, Any]) -> None:
         if "epoch" not in result:
             return
         epoch = int(result["epoch"])
-        group.progress[trial_id] = max(epoch, group.progress.get(trial_id, 0))
-        assert self._metric is not None
-        if self.is_group_metric:
-            variant = parse_metric_key(self._metric)[1].variant
-            self._ensembles().prefetch(trial_id, epoch, variant)
-        elif self._metric in result:
-            group.member_values.setdefault(trial_id, {})[epoch] = float(result[self._metric])
+        config.group.report(trial_id, epoch)
+        objective = self._metric_objective()
+        if objective.transform.ens:
+            self._evaluator().prefetch(trial_id, epoch, objective.transform.variant)
+        elif objective.key in result:
+            config.reported.setdefault(trial_id, {})[epoch] = float(result[objective.key])
 
-    def _score_ready_epochs(self, group: _Group) -> None:
+    def _score_ready_epochs(self, config: _Configuration) -> None:
         """Score, in order, each epoch that every member has reached (failed members
         excluded), once all K members have started. Epochs that a member stopped before are
         never scored: an ensemble of fewer members is a different model."""
-        if len(group.members) < self.n_seeds:
+        if len(config.group.members) < self.n_seeds:
             return
-        members = [m for m in group.members if m not in group.errored]
-        if not members:
+        epochs = range(max(config.values, default=0) + 1, config.group.common_epoch() + 1)
+        if not epochs:
             return
-        limit = min(group.progress.get(m, 0) for m in members)
-        for epoch in range(max(group.values, default=0) + 1, limit + 1):
-            group.values[epoch] = self._score(group, members, epoch)
-            self._report(group, epoch)
+        curve = self._curve(config, config.group.ids(LIVE, DONE), epochs)
+        for epoch in epochs:
+            config.values[epoch] = curve.get(epoch, math.nan)
+            self._report(config, epoch)
 
-    def _score(self, group: _Group, members: list[str], epoch: int) -> float:
-        assert self._metric is not None
-        if self.is_group_metric:
-            transform = parse_metric_key(self._metric)[1].name
-            # The reporter's group key (of the full config, constants included): the
-            # scheduler's key too, so both share one cached and persisted evaluation.
-            if group.key is None:
-                group.key = str(self._ensembles().store.metadata(members[0])["group"])
-            value = self._ensembles().evaluate(group.key, epoch, members, transform)
-            return float(value.values.get(self._metric, math.nan))
-        found = [group.member_values.get(m, {}).get(epoch, math.nan) for m in members]
-        finite = [v for v in found if not math.isnan(v)]
-        return sum(finite) / len(finite) if len(finite) == len(found) else math.nan
+    def _curve(self, config: _Configuration, members: list[str], epochs: range) -> dict[int, float]:
+        """The configuration's values by epoch, ``epochs`` among them: its ensemble's for
+        group keys, the members' mean for per-trial keys (NaN where a member's value is)."""
+        objective = self._metric_objective()
+        if not objective.transform.ens:
+            return members_mean({m: config.reported.get(m, {}) for m in members})
+        evaluator = self._evaluator()
+        # The reporter's group key (of the full config, constants included): the scheduler's
+        # key too, so both share one cached and persisted evaluation.
+        if config.key is None:
+            config.key = str(evaluator.store.metadata(members[0])["group"])
+        curve = {}
+        for epoch in epochs:
+            value = evaluator.evaluate(config.key, epoch, members, objective.transform.name)
+            curve[epoch] = float(value.values.get(objective.key, math.nan))
+        return curve
 
-    def _report(self, group: _Group, epoch: int) -> None:
-        value = group.values[epoch]
+    def _report(self, config: _Configuration, epoch: int) -> None:
+        value = config.values[epoch]
         if math.isfinite(value):
-            optuna.trial.Trial(self.study, group.storage_id).report(value, step=epoch)
+            optuna.trial.Trial(self.study, config.storage_id).report(value, step=epoch)
 
-    def _tell(self, group: _Group) -> None:
-        group.told = True
-        value = self._objective_of(group.values)
-        pruned = any(m in s.pruned_trials for s in self._schedulers for m in group.members)
-        if pruned:
-            self.study.tell(group.number, state=optuna.trial.TrialState.PRUNED)
-        elif not math.isfinite(value) or len(group.errored) == self.n_seeds:
-            self.study.tell(group.number, state=optuna.trial.TrialState.FAIL)
+    def _tell(self, config: _Configuration) -> None:
+        config.told = True
+        value = self._objective_of(config.values)
+        if self._context is not None and self._context.pruned(config.group.members):
+            self.study.tell(config.number, state=optuna.trial.TrialState.PRUNED)
+        elif not math.isfinite(value) or len(config.group.ids(ERROR)) == self.n_seeds:
+            self.study.tell(config.number, state=optuna.trial.TrialState.FAIL)
         else:
-            self.study.tell(group.number, value)
+            self.study.tell(config.number, value)
 
     def _objective_of(self, values: Mapping[int, float]) -> float:
         """The objective over the scored epochs; NaN when it has no finite value (a diverged
         last epoch included: an earlier finite value would rank the group too well)."""
         if self.objective == "last":
             return values[max(values)] if values else math.nan
-        finite = [v for v in values.values() if math.isfinite(v)]
-        if not finite:
-            return math.nan
-        return min(finite) if self._mode == "min" else max(finite)
+        return best_epoch(values, self._metric_objective().mode)[1]
 
-    def _ensembles(self) -> EnsembleEvaluator:
-        if self._evaluator is None:
-            if self._store is None:
-                raise RuntimeError(
-                    f"PostHocSearch on the group key {self._metric!r} reads the prediction "
-                    "store: add PostHocCallback(searcher) (or searcher.callback) to "
-                    "RunConfig(callbacks=[...]), or pass PostHocSearch(store=...)"
-                )
-            self._evaluator = shared_evaluator(self._store, ensemble=self.ensemble, splits=["val"])
-        return self._evaluator
+    def _evaluator(self) -> EnsembleEvaluator:
+        return self._ensembles.get(self._no_store)
+
+    def _no_store(self) -> PredictionStore:
+        raise RuntimeError(
+            f"PostHocSearch on the group key {self._metric!r} reads the prediction "
+            "store: add PostHocCallback(searcher) (or searcher.callback) to "
+            "RunConfig(callbacks=[...]), or pass PostHocSearch(store=...)"
+        )
 
     # -- state ------------------------------------------------------------------------------
 
@@ -365,8 +393,8 @@ class PostHocSearch(Searcher):
     def save(self, checkpoint_path: str) -> None:
         state: dict[str, Any] = {
             "queue": self._queue,
-            "groups": self._groups,
-            "trial_group": self._trial_group,
+            "configs": self._configs,
+            "trial_config": self._trial_config,
             "space": self._space,
             "metric": self._metric,
             "mode": self._mode,
@@ -386,8 +414,8 @@ class PostHocSearch(Searcher):
         with open(checkpoint_path, "rb") as f:
             state = pickle.load(f)  # Tune's own searcher checkpoint, written by save()
         self._queue = state["queue"]
-        self._groups = state["groups"]
-        self._trial_group = state["trial_group"]
+        self._configs = state["configs"]
+        self._trial_config = state["trial_config"]
         self._space = state["space"]
         self._metric = state["metric"]
         self._mode = state["mode"]

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,9 +22,10 @@ import pandas as pd
 from posthoc_tune.curves import (
     DEFAULT_METRICS,
     Curves,
-    Scores,
     argbest,
+    best_epoch,
     configurations,
+    members_best,
     naive_ensembles,
     objective_curve,
     scan,
@@ -34,8 +35,9 @@ from posthoc_tune.groups import flatten_config
 from posthoc_tune.keys import (
     FORMATS,
     TABLE_TRANSFORMS,
+    Objective,
     check_name,
-    parse_metric_key,
+    metric_key,
     parse_transform,
 )
 from posthoc_tune.store import PredictionStore
@@ -64,23 +66,23 @@ def leaderboard(
     metric, each member at its own best epoch among all it ran, as naive selection keeps it),
     ``naive_epochs`` and ``naive_rank``.
     """
-    split, transform, name = parse_metric_key(metric)
-    if mode not in ("min", "max"):
-        raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+    objective = Objective.parse(metric, mode)
+    transform = objective.transform.name
     store = open_store(results_or_experiment_path)
-    key, sign = f"{split}/{name}", (1.0 if mode == "min" else -1.0)
+    naive_key = metric_key(objective.split, "base", objective.metric)
     rows = []
     for group, (members, config) in configurations(store).items():
-        curves = scan(store, group, members, config, ["base", transform.name], ensemble, [name])
-        best_epoch, best = _best_epoch(objective_curve(curves, transform.name, key), sign)
-        base = curves.single["base"]
-        naive = [_best_epoch(_values(base[m], key), sign) for m in members]
+        curves = scan(
+            store, group, members, config, ["base", transform], ensemble, [objective.metric]
+        )
+        best_at, best = best_epoch(objective_curve(curves, transform, metric), mode)
+        naive = members_best(curves.single["base"], naive_key, mode)
         rows.append(
             {
                 "group": group,
                 **flatten_config(config, "config/"),
                 "n_members": len(members),
-                "epoch": best_epoch,
+                "epoch": best_at,
                 metric: best,
                 "naive_value": float(np.mean([v for _, v in naive])),
                 "naive_epochs": [e for e, _ in naive],
@@ -93,18 +95,6 @@ def leaderboard(
     frame.insert(0, "rank", np.arange(1, len(frame) + 1))
     frame["naive_rank"] = frame["naive_rank"].astype("Int64")
     return frame
-
-
-def _values(curve: Mapping[int, Scores], key: str) -> dict[int, float]:
-    return {e: s.get(key, math.nan) for e, s in curve.items()}
-
-
-def _best_epoch(curve: Mapping[int, float], sign: float) -> tuple[int | None, float]:
-    """The epoch with the best finite value (lowest of ``sign * value``; earliest on ties)
-    and the value, or (None, NaN)."""
-    scores = {e: {"v": sign * v} for e, v in curve.items()}
-    epoch = argbest(scores, "v")
-    return (epoch, curve[epoch]) if epoch is not None else (None, math.nan)
 
 
 def open_store(results_or_path: Any) -> PredictionStore:
@@ -221,29 +211,29 @@ class _Progress:
 
 def _selected(curves: Curves, transform: str, metric: str, obj: str, naive: bool) -> _Pick:
     """One configuration's selected test ``metric`` for a transform, chosen by val ``obj``."""
-    t = parse_transform(transform)
+    base = curves.single["base"]
+    base_key, obj_key = metric_key("val", "base", obj), metric_key("val", transform, obj)
+    test_key = metric_key("test", transform, metric)
     # Naive selection ranks configurations by the base val metric (members at their best).
-    naive_rank = float(
-        np.mean([_best_val(curves.single["base"][m], f"val/{obj}") for m in curves.members])
-    )
-    if t.ens:
+    naive_rank = float(np.mean([v for _, v in members_best(base, base_key)]))
+    if parse_transform(transform).ens:
         if naive:
-            epochs = [argbest(curves.single["base"][m], f"val/{obj}") for m in curves.members]
+            epochs = [argbest(base[m], base_key) for m in curves.members]
             scores = curves.naive_ens.get((transform, obj), {})
-            return _Pick([scores.get(f"test/{metric}", math.nan)], epochs, naive_rank)
-        epoch = argbest(curves.ens[transform], f"val/{obj}")
+            return _Pick([scores.get(test_key, math.nan)], epochs, naive_rank)
+        epoch = argbest(curves.ens[transform], obj_key)
         if epoch is None:
             return _Pick([math.nan], [], math.nan)
         scores = curves.ens[transform][epoch]
-        return _Pick([scores.get(f"test/{metric}", math.nan)], [epoch], scores[f"val/{obj}"])
+        return _Pick([scores.get(test_key, math.nan)], [epoch], scores[obj_key])
     values, epochs, vals = [], [], []
     for m in curves.members:
-        base = curves.single["base"][m]
-        epoch = argbest(base if naive else curves.single[transform][m], f"val/{obj}")
+        curve = curves.single[transform][m]
+        epoch = argbest(base[m], base_key) if naive else argbest(curve, obj_key)
         epochs.append(epoch)
-        scores = curves.single[transform][m].get(epoch, {}) if epoch is not None else {}
-        values.append(scores.get(f"test/{metric}", math.nan))
-        vals.append(scores.get(f"val/{obj}", math.nan))
+        scores = curve.get(epoch, {}) if epoch is not None else {}
+        values.append(scores.get(test_key, math.nan))
+        vals.append(scores.get(obj_key, math.nan))
     return _Pick(values, epochs, naive_rank if naive else float(np.mean(vals)))
 
 
@@ -252,11 +242,6 @@ class _Pick:
     test: list[float]  # one per member (single-model transforms) or the ensemble's one
     epochs: list[int | None]
     val: float  # what configurations are ranked by
-
-
-def _best_val(curve: Mapping[int, Scores], key: str) -> float:
-    epoch = argbest(curve, key)
-    return curve[epoch][key] if epoch is not None else math.nan
 
 
 @dataclass

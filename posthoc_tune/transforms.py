@@ -21,7 +21,7 @@ import torch
 from torch.optim.swa_utils import get_swa_multi_avg_fn, update_bn
 
 from posthoc_tune._arrays import ArrayLike, as_labels, as_logits, to_numpy
-from posthoc_tune.keys import parse_transform
+from posthoc_tune.keys import Transform, parse_transform
 
 A = TypeVar("A", np.ndarray, torch.Tensor)
 
@@ -70,6 +70,19 @@ class TemperatureScaler:
         self.max_iter = max_iter
         self.tol = tol
         self.bounds = (float(lo), float(hi))
+
+    @classmethod
+    def from_temperature(cls, temperature: float, **params: Any) -> TemperatureScaler:
+        """A scaler fitted to a known temperature (one recorded earlier, e.g. with the
+        logits in the store), without refitting."""
+        if isinstance(temperature, bool) or not (
+            isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0
+        ):
+            raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
+        scaler = cls(**params)
+        scaler.temperature_ = float(temperature)
+        scaler.n_iter_, scaler.converged_, scaler.fallback_ = 0, True, False
+        return scaler
 
     def fit(self, logits: ArrayLike, labels: ArrayLike) -> TemperatureScaler:
         """Fit the temperature on (validation) logits and labels; returns ``self``."""
@@ -387,7 +400,7 @@ def combine(members: Sequence[A], how: Combiner = "logits") -> A:
 
 
 def apply_transform(
-    name: str,
+    name: str | Transform,
     val_members: Sequence[ArrayLike],
     val_labels: ArrayLike,
     test_members: Sequence[ArrayLike] | None = None,
@@ -395,32 +408,33 @@ def apply_transform(
     ensemble: Combiner = "logits",
     member_temperatures: Sequence[float | None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Apply a named transform to members' logits of the right variant; returns (val, test).
+    """Apply a registered transform to its members' logits; returns (val, test).
 
     ``val_members``/``test_members`` hold one entry per member, already of the transform's
-    variant (``parse_transform(name).variant``: SWA logits for ``swa*`` names). Single-model
-    transforms need exactly one member. Ensemble transforms temperature-scale each member on
-    val, combine, and for ``+ts`` fit one more temperature on the ensemble's val logits. All
-    temperatures are fit on val and applied unchanged to test. Outputs are float32 arrays.
+    variant (SWA logits for ``swa*`` names): the seeds of a group, the epochs of a checkpoint
+    window, or the one model of a single-model transform. Combining transforms
+    (:attr:`~posthoc_tune.keys.Transform.combines`) temperature-scale each member on val and
+    average them; with ``ts`` one more temperature is fit on the result. All temperatures are
+    fit on val and applied unchanged to test. Outputs are float32 arrays.
 
-    ``member_temperatures`` (ensembles only) supplies temperatures already fit on each
-    member's val logits, e.g. recorded by the reporter, so they are not fit again; ``None``
-    entries are fit here.
+    ``member_temperatures`` supplies temperatures already fit on each member's val logits,
+    e.g. recorded by the reporter, so they are not fit again (``None`` entries are fit here);
+    a single model's own TS is its member temperature.
     """
     t = parse_transform(name)
     if test_members is not None and len(test_members) != len(val_members):
         raise ValueError(f"got {len(val_members)} val members but {len(test_members)} test members")
-    if not t.ens and len(val_members) != 1:
-        raise ValueError(f"transform {name!r} takes exactly one member, got {len(val_members)}")
+    if not t.combines and len(val_members) != 1:
+        raise ValueError(f"transform {t.name!r} takes exactly one member, got {len(val_members)}")
     if member_temperatures is not None and len(member_temperatures) != len(val_members):
         raise ValueError(
             f"got {len(member_temperatures)} member temperatures for {len(val_members)} members"
         )
     vals = [to_numpy(v) for v in val_members]
     tests = [to_numpy(v) for v in test_members] if test_members is not None else None
-    if t.ens:
-        known = member_temperatures or [None] * len(vals)
-        scalers = [_scaler(v, val_labels, t) for v, t in zip(vals, known, strict=True)]
+    known = member_temperatures or [None] * len(vals)
+    if t.combines:
+        scalers = [_scaler(v, val_labels, k) for v, k in zip(vals, known, strict=True)]
 
         def ensemble_of(parts: list[np.ndarray]) -> list[np.ndarray]:
             if ensemble == "logits":  # one fused pass per member, no stacked copy
@@ -432,7 +446,7 @@ def apply_transform(
         tests = ensemble_of(tests) if tests is not None else None
     val, test = vals[0], (tests[0] if tests is not None else None)
     if t.ts:
-        scaler = TemperatureScaler().fit(val, val_labels)
+        scaler = _scaler(val, val_labels, None if t.combines else known[0])
         val = scaler.transform(val)
         test = scaler.transform(test) if test is not None else None
     return val, test
@@ -444,14 +458,7 @@ def _scaler(val: np.ndarray, labels: ArrayLike, temperature: float | None) -> Te
         return TemperatureScaler().fit(val, labels)
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"member temperature must be finite and > 0, got {temperature!r}")
-    scaler = TemperatureScaler()
-    scaler.temperature_, scaler.n_iter_, scaler.converged_, scaler.fallback_ = (
-        float(temperature),
-        0,
-        True,
-        False,
-    )
-    return scaler
+    return TemperatureScaler.from_temperature(temperature)
 
 
 def _scaled_mean(parts: Sequence[np.ndarray], temperatures: Sequence[float]) -> np.ndarray:

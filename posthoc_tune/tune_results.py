@@ -73,8 +73,8 @@ class EnsembleResults:
         return self._evaluator is not None
 
     def attach_evaluator(self, evaluator: EnsembleEvaluator) -> None:
-        """Evaluate with ``evaluator`` (the experiment's shared one: values a scheduler or
-        searcher already computed are reused, not recomputed)."""
+        """Evaluate with ``evaluator`` (the one PostHocCallback gives the experiment's
+        scheduler and searcher too: values they computed are reused, not recomputed)."""
         self._evaluator = evaluator
 
     def on_result(self, trials: Sequence[Trial], trial: Trial, result: dict[str, Any]) -> None:

@@ -87,7 +87,7 @@ def test_bad_input_errors_name_the_value() -> None:
 
 def test_metric_keys_and_names() -> None:
     keys = pht.metric_keys()
-    assert len(keys) == len(set(keys)) == 2 * 8 * 4
+    assert len(keys) == len(set(keys)) == 2 * 12 * 4  # 8 transforms of the paper, 4 ckpt
     assert "val/swa+ens+ts/nll" in keys and "test/base/brier" in keys
     split, transform, metric = pht.parse_metric_key("val/swa+ens+ts/nll")
     assert (split, metric) == ("val", "nll")
