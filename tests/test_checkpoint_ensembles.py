@@ -152,13 +152,8 @@ def test_compact_keeps_the_epochs_a_window_needs(trained: Path, tmp_path: Path) 
 def test_post_hoc_asha_judges_trials_on_a_checkpoint_ensemble_key(trained: Path) -> None:
     store = PredictionStore.open(trained)
     experiment = Experiment(trained)
-    scheduler = PostHocASHA(
-        metric="val/ckpt+ts/nll",
-        mode="min",
-        max_t=EPOCHS,
-        grace_period=2,
-        reduction_factor=2,
-    )
+    key = "val/ckpt+ts/nll"
+    scheduler = PostHocASHA(key, "min", max_t=EPOCHS, grace_period=2, reduction_factor=2)
     experiment.replay(scheduler, concurrency=1)  # later trials meet earlier ones' cutoffs
     decisions = scheduler.decisions
     assert decisions["cutoff"].notna().any()
@@ -167,7 +162,7 @@ def test_post_hoc_asha_judges_trials_on_a_checkpoint_ensemble_key(trained: Path)
     for _, d in decisions.iterrows():
         group = store.metadata(d["arm"])["group"]
         scores = experiment.curves[group].single["ckpt+ts"][d["arm"]][int(d["milestone"])]
-        assert d["value"] == scores["val/ckpt+ts/nll"]
+        assert d["value"] == scores[key]
 
 
 def test_a_large_window_is_announced(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
