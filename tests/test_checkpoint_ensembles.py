@@ -17,6 +17,7 @@ import posthoc_tune as pht
 from posthoc_tune import PostHocASHA, PostHocReporter, PredictionStore
 from posthoc_tune.curves import configurations, scan
 from posthoc_tune.keys import CHECKPOINT_WINDOW, parse_transform
+from posthoc_tune.plots import experiment_figures
 from posthoc_tune.replay import Experiment
 from posthoc_tune.retention import compact
 from tests import reference as ref
@@ -169,3 +170,16 @@ def test_a_large_window_is_announced(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     monkeypatch.setattr("posthoc_tune.reporter.WINDOW_WARNING_BYTES", 1000)
     with pytest.warns(UserWarning, match=r"keep 0\.0 GiB of past logits.*transforms="):
         _train(tmp_path)
+
+
+def test_plots_draw_checkpoint_ensembles_as_the_members_mean(trained: Path) -> None:
+    store = PredictionStore.open(trained)
+    stem, figure = next(experiment_figures(trained, transforms=["swa+ts", "ckpt+ts"]))
+    cfg = "a" if stem.endswith(store.metadata("a0")["group"]) else "b"
+    val_ax = figure.axes[0]
+    (line,) = (ln for ln in val_ax.get_lines() if ln.get_label() == "ckpt+ts")
+    expected = [
+        np.mean([_brute_force(store, f"{cfg}{s}", e, "ckpt+ts")["val"] for s in (0, 1)])
+        for e in range(1, EPOCHS + 1)
+    ]
+    np.testing.assert_allclose(line.get_ydata(), expected, rtol=2e-3)
