@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TypeAlias
 
 import numpy as np
@@ -76,3 +77,18 @@ def to_numpy(x: ArrayLike, dtype: type = np.float32) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().to("cpu").numpy()
     return np.asarray(x, dtype=dtype)
+
+
+def output_logits(output: object, where: str, hint: str = "") -> torch.Tensor:
+    """The logits of a model's output: a tensor, or the ``logits`` of an output object (a
+    Hugging Face ``ModelOutput``) or dict; ``where`` and ``hint`` complete the error."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = output.get("logits") if isinstance(output, Mapping) else None
+    logits = getattr(output, "logits", logits)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    raise TypeError(
+        f"the model returned a {type(output).__name__} {where}, not a logits tensor nor an "
+        f"object with a .logits tensor{hint}"
+    )

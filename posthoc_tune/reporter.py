@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from posthoc_tune._arrays import ArrayLike, integer_tensor, to_numpy
+from posthoc_tune._arrays import ArrayLike, integer_tensor, output_logits, to_numpy
 from posthoc_tune._session import TRIAL_KEY, current_session
 from posthoc_tune.groups import check_seed_key
 from posthoc_tune.keys import TRIAL_TRANSFORMS, VARIANTS, metric_keys, parse_transform
@@ -132,7 +132,13 @@ class _EvalSplit:
         device = next(iter(model.parameters()), torch.empty(0)).device
         outs, ys = [], []
         for x, y in self._batches():
-            outs.append(self._logits(model(x.to(device))).detach().to("cpu", torch.float32))
+            output = output_logits(
+                model(x.to(device)),
+                f"on the {self.split} inputs",
+                f"; pass {self.split}=(predict, labels) with "
+                f"predict(model, {self.split!r}) -> logits",
+            )
+            outs.append(output.detach().to("cpu", torch.float32))
             ys.append(self._checked_labels(y))
         logits = torch.cat(outs).numpy()
         labels = np.concatenate(ys)
@@ -149,21 +155,6 @@ class _EvalSplit:
                 f"evaluation loaders must not shuffle (use shuffle=False)"
             )
         return logits, labels
-
-    def _logits(self, output: Any) -> torch.Tensor:
-        """The logits of a model's output: a tensor, or the ``logits`` of an output object
-        (e.g. a Hugging Face ``ModelOutput``) or dict."""
-        if isinstance(output, torch.Tensor):
-            return output
-        logits = output.get("logits") if isinstance(output, Mapping) else None
-        logits = getattr(output, "logits", logits)
-        if isinstance(logits, torch.Tensor):
-            return logits
-        raise TypeError(
-            f"the model returned a {type(output).__name__} on the {self.split} inputs, not a "
-            f"logits tensor nor an object with a .logits tensor; pass {self.split}="
-            f"(predict, labels) with predict(model, {self.split!r}) -> logits"
-        )
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, Any]]:
         if self._tensors is not None:
