@@ -460,10 +460,12 @@ class PostHocReporter:
     # -- checkpointing ------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Model, SWA average, epoch, warm-start temperatures and the ``checkpoint`` objects."""
+        """Model (its trained state: a LoRA model's adapters, not its frozen base), SWA average,
+        epoch, warm-start temperatures, the checkpoint windows' logits and the ``checkpoint``
+        objects."""
         return {
             "epoch": self.epoch,
-            "model": self.model.state_dict(),
+            "model": self.swa.trained_state(self.model),
             "swa": self.swa.state_dict(),
             "temperatures": {v: getattr(s, "temperature_", None) for v, s in self._scalers.items()},
             "window": {
@@ -484,7 +486,7 @@ class PostHocReporter:
                 f"checkpoint holds objects {sorted(state['objects'])}, the reporter was given "
                 f"{sorted(names)}"
             )
-        self.model.load_state_dict(state["model"])
+        self.swa.load_trained_state(self.model, state["model"])
         self.swa.load_state_dict(state["swa"])
         for name, obj in (self._checkpoint or {}).items():
             obj.load_state_dict(state["objects"][name])

@@ -273,6 +273,9 @@ class WeightAverager:
         self._model = copy.deepcopy(live, memo=dict(shared))
         own = dict(self._model.named_parameters())
         self._averaged = {n: own[n] for n, p in live.named_parameters() if id(p) not in shared}
+        self._frozen = {
+            n for n, p in live.named_parameters(remove_duplicate=False) if id(p) in shared
+        }
         self._buffers = dict(self._model.named_buffers())
 
     @property
@@ -318,6 +321,31 @@ class WeightAverager:
             for name, b in self._buffers.items():
                 b.copy_(buffers[name])
         self.n_averaged += 1
+
+    def export(self) -> torch.nn.Module:
+        """A copy of the SWA model that shares no tensor with the live model: to save, to move,
+        or to merge adapters into (merging into :attr:`model` itself would rewrite the live
+        model's frozen weights)."""
+        return copy.deepcopy(self._model)
+
+    def trained_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The part of the live ``model``'s state dict that training changes: every entry but
+        the frozen parameters this averager shares (a LoRA model's: its adapters and buffers,
+        not the base model). With :meth:`load_trained_state`, a checkpoint of the live model."""
+        live = unwrap_model(model)
+        return {k: v for k, v in live.state_dict().items() if k not in self._frozen}
+
+    def load_trained_state(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Load a :meth:`trained_state` into the live ``model``; its frozen parameters are the
+        ones it was built with."""
+        missing, unexpected = unwrap_model(model).load_state_dict(state, strict=False)
+        unknown = sorted(set(unexpected) | (set(missing) - self._frozen))
+        if unknown:
+            raise ValueError(
+                f"checkpoint's model state differs from this model's trained state in "
+                f"{len(unknown)} names, e.g. {unknown[0]!r} (was it built with other trainable "
+                f"parameters?)"
+            )
 
     def update_bn(self, loader: Iterable[Any]) -> None:
         """Re-estimate BatchNorm statistics of the averaged model on ``loader``'s inputs."""

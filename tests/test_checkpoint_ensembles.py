@@ -182,4 +182,4 @@ def test_plots_draw_checkpoint_ensembles_as_the_members_mean(trained: Path) -> N
         np.mean([_brute_force(store, f"{cfg}{s}", e, "ckpt+ts")["val"] for s in (0, 1)])
         for e in range(1, EPOCHS + 1)
     ]
-    np.testing.assert_allclose(line.get_ydata(), expected, rtol=2e-3)
+    np.testing.assert_allclose(np.asarray(line.get_ydata(), float), np.array(expected), rtol=2e-3)
