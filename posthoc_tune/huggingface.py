@@ -14,7 +14,6 @@ metrics dict; ``_evaluate`` then hands that same dict to ``_report_to_hp_search`
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -29,9 +28,9 @@ except ImportError as error:
         "posthoc_tune.huggingface needs transformers: pip install 'posthoc-tune[huggingface]'"
     ) from error
 
+from posthoc_tune._arrays import output_logits
 from posthoc_tune.keys import parse_metric_key
-from posthoc_tune.reporter import PostHocReporter
-from posthoc_tune.store import Dtype, PredictionStore
+from posthoc_tune.reporter import PostHocReporter, reporter_options
 
 IGNORE_INDEX = -100
 """The label Hugging Face models and collators use for "no label" (PyTorch's ``ignore_index``):
@@ -84,7 +83,9 @@ class _DictSplit:
             on_device = {
                 k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()
             }
-            logits = _logits(model(**on_device), split)
+            logits = output_logits(
+                model(**on_device), f"on the {split} batches", f"; pass {split}=(predict, labels)"
+            )
             if logits.ndim != 2 or logits.shape[0] != labels.shape[0]:
                 raise ValueError(
                     f"the model's {split} logits have shape {tuple(logits.shape)} for "
@@ -98,17 +99,6 @@ class _DictSplit:
                 f"evaluation loaders must not shuffle"
             )
         return torch.cat(outs).numpy()
-
-
-def _logits(output: Any, split: str) -> torch.Tensor:
-    """A tensor, or the ``logits`` of a ``ModelOutput``."""
-    logits = output if isinstance(output, torch.Tensor) else getattr(output, "logits", None)
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(
-            f"the model returned a {type(output).__name__} on the {split} batches, not a "
-            f"logits tensor nor an output with .logits; pass {split}=(predict, labels)"
-        )
-    return logits
 
 
 class PostHocTrainerCallback(TrainerCallback):
@@ -138,8 +128,9 @@ class PostHocTrainerCallback(TrainerCallback):
             From dict batches the label column is ``args.label_names`` (one name; default
             ``"labels"``), one integer label per row, and rows labelled -100 are dropped.
         test: the same forms but None, which means no test split.
-        store, seed_key, swa_start_epoch, bn_loader, eval_batch_size, trial_id, store_dtype: as
-            in :class:`PostHocReporter`.
+        options: keyword arguments of :class:`PostHocReporter` (``store``, ``seed_key``,
+            ``swa_start_epoch``, ``swa_trainable_only``, ``bn_loader``, ``eval_batch_size``,
+            ``trial_id``, ``store_dtype``, ``transforms``); unknown names are refused here.
     """
 
     def __init__(
@@ -148,28 +139,14 @@ class PostHocTrainerCallback(TrainerCallback):
         *,
         val: Any = None,
         test: Any = None,
-        store: PredictionStore | str | os.PathLike[str] | None = None,
-        seed_key: str = "seed",
-        swa_start_epoch: int = 1,
-        bn_loader: Iterable[Any] | str | None = "val",
-        eval_batch_size: int = 1024,
-        trial_id: str = "local",
-        store_dtype: Dtype = "float32",
+        **options: Any,
     ) -> None:
         if config is not None and not isinstance(config, Mapping):
             raise TypeError(f"config must be a mapping or None, got {type(config).__name__}")
         self.config = config
         self._val = val
         self._test = test
-        self._reporter_kwargs: dict[str, Any] = {
-            "store": store,
-            "seed_key": seed_key,
-            "swa_start_epoch": swa_start_epoch,
-            "bn_loader": bn_loader,
-            "eval_batch_size": eval_batch_size,
-            "trial_id": trial_id,
-            "store_dtype": store_dtype,
-        }
+        self._reporter_kwargs = reporter_options(options, "PostHocTrainerCallback")
         self._reporter: PostHocReporter | None = None
         self._trial_config: Mapping[str, Any] | None = None
         self._eval_loader: Iterable[Any] | None = None

@@ -6,7 +6,6 @@ Needs the ``lightning`` extra (``lightning.pytorch``, the package Ray Train inte
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -19,8 +18,7 @@ except ImportError as error:
         "posthoc_tune.lightning needs Lightning: pip install 'posthoc-tune[lightning]'"
     ) from error
 
-from posthoc_tune.reporter import PostHocReporter
-from posthoc_tune.store import Dtype, PredictionStore
+from posthoc_tune.reporter import PostHocReporter, reporter_options
 
 BatchToXY = Callable[[Any], tuple[torch.Tensor, torch.Tensor]]
 
@@ -85,8 +83,9 @@ class PostHocLightningCallback(pl.Callback):
             ``lambda b: (b["x"], b["y"])`` for dict batches; applied to the val and test
             loaders (the trainer's included), not to ``(x, y)`` or ``(predict, labels)`` pairs.
             Loader batches are first converted to the trainer's precision, as Lightning does.
-        store, seed_key, swa_start_epoch, bn_loader, eval_batch_size, trial_id, store_dtype: as
-            in :class:`PostHocReporter`.
+        options: keyword arguments of :class:`PostHocReporter` (``store``, ``seed_key``,
+            ``swa_start_epoch``, ``swa_trainable_only``, ``bn_loader``, ``eval_batch_size``,
+            ``trial_id``, ``store_dtype``, ``transforms``); unknown names are refused here.
     """
 
     def __init__(
@@ -96,13 +95,7 @@ class PostHocLightningCallback(pl.Callback):
         val: Any = None,
         test: Any = None,
         batch_to_xy: BatchToXY | None = None,
-        store: PredictionStore | str | os.PathLike[str] | None = None,
-        seed_key: str = "seed",
-        swa_start_epoch: int = 1,
-        bn_loader: Iterable[Any] | str | None = "val",
-        eval_batch_size: int = 1024,
-        trial_id: str = "local",
-        store_dtype: Dtype = "float32",
+        **options: Any,
     ) -> None:
         if batch_to_xy is not None and not callable(batch_to_xy):
             raise TypeError(f"batch_to_xy must be callable, got {batch_to_xy!r}")
@@ -110,15 +103,7 @@ class PostHocLightningCallback(pl.Callback):
         self._val = val
         self._test = test
         self._batch_to_xy = batch_to_xy
-        self._reporter_kwargs: dict[str, Any] = {
-            "store": store,
-            "seed_key": seed_key,
-            "swa_start_epoch": swa_start_epoch,
-            "bn_loader": bn_loader,
-            "eval_batch_size": eval_batch_size,
-            "trial_id": trial_id,
-            "store_dtype": store_dtype,
-        }
+        self._reporter_kwargs = reporter_options(options, "PostHocLightningCallback")
         self._reporter: PostHocReporter | None = None
         self._restored: dict[str, Any] | None = None
         self.metrics: dict[str, float] = {}

@@ -17,6 +17,7 @@ barrier).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 import tempfile
@@ -511,6 +512,21 @@ class PostHocReporter:
         device = next(iter(self.model.parameters()), torch.empty(0)).device
         state: dict[str, Any] = torch.load(path, map_location=device, weights_only=True)
         return state
+
+
+_MANAGED = ("model", "config", "val", "test", "checkpoint", "checkpoint_every", "report")
+
+
+def reporter_options(options: Mapping[str, Any], owner: str) -> dict[str, Any]:
+    """The :class:`PostHocReporter` keyword arguments a trainer integration passes through
+    (``store``, ``seed_key``, ``swa_start_epoch``, ``swa_trainable_only``, ``bn_loader``,
+    ``eval_batch_size``, ``trial_id``, ``store_dtype``, ``transforms``): checked when the
+    integration is built, not at the trainer's first epoch."""
+    allowed = [n for n in inspect.signature(PostHocReporter).parameters if n not in _MANAGED]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(f"{owner} got unknown reporter options {unknown}; it takes {allowed}")
+    return dict(options)
 
 
 def _reported(transforms: Sequence[str] | None) -> tuple[str, ...]:

@@ -433,3 +433,14 @@ def test_hyperparameter_search_with_posthoc_asha_on_the_ensemble_key(
     assert best.run_id == min(final, key=lambda t: final[t])
     assert best.objective == pytest.approx(min(final.values()))
     assert "val/swa+ens+ts/nll" in capsys.readouterr().out  # the leaderboard
+
+
+def test_reporter_options_pass_through_and_unknown_ones_are_refused() -> None:
+    callback = PostHocTrainerCallback({"seed": 0}, transforms=["base", "swa"], swa_start_epoch=2)
+    assert callback._reporter_kwargs == {"transforms": ["base", "swa"], "swa_start_epoch": 2}
+    with pytest.raises(
+        TypeError, match=r"PostHocTrainerCallback got unknown reporter options \['seed_keyy'\]"
+    ):
+        PostHocTrainerCallback({"seed": 0}, seed_keyy="run/seed")
+    with pytest.raises(TypeError, match=r"unknown reporter options \['report'\]"):
+        PostHocTrainerCallback({"seed": 0}, report=True)  # the callback reports through HF

@@ -421,3 +421,15 @@ def test_lightning_example_runs_with_a_small_budget(
         assert math.isfinite(result.metrics["val_loss"])
     out = capsys.readouterr().out
     assert "best by val/swa+ens+ts/nll: lr=0.1" in out
+
+
+def test_reporter_options_reach_the_reporter_and_unknown_ones_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match=r"unknown reporter options \['swa_start'\]"):
+        PostHocLightningCallback({"seed": 0}, swa_start=2)
+    posthoc = PostHocLightningCallback(
+        {"seed": 0}, batch_to_xy=xy, store=tmp_path, transforms=["base", "ts"]
+    )
+    fit(Net(), 1, [posthoc])
+    assert posthoc.reporter is not None and posthoc.reporter.transforms == ("base", "ts")
+    assert math.isnan(posthoc.metrics["val/swa+ts/nll"])
+    assert math.isfinite(posthoc.metrics["val/ts/nll"])
