@@ -116,13 +116,7 @@ class PostHocASHA(FIFOScheduler):
         self._metric = metric
         self._mode = mode
         self._settings = Settings(
-            time_attr=time_attr,
-            max_t=max_t,
-            grace_period=grace_period,
-            reduction_factor=reduction_factor,
-            n_brackets=brackets,
-            rung_value=rung_value,
-            stop_last_trials=stop_last_trials,
+            time_attr, max_t, grace_period, reduction_factor, brackets, rung_value, stop_last_trials
         )
         self.seed_key = seed_key
         self.ensemble: Combiner = ensemble
