@@ -183,3 +183,12 @@ def test_plots_draw_checkpoint_ensembles_as_the_members_mean(trained: Path) -> N
         for e in range(1, EPOCHS + 1)
     ]
     np.testing.assert_allclose(np.asarray(line.get_ydata(), float), np.array(expected), rtol=2e-3)
+
+
+def test_reporter_transforms_are_validated(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"transforms \['ens\+ts'\] combine a seed group"):
+        _train(tmp_path, transforms=["base", "ens+ts"])
+    with pytest.raises(ValueError, match="unknown transform 'ckpt\\+swa'"):
+        _train(tmp_path, transforms=["ckpt+swa"])
+    with pytest.raises(ValueError, match="non-empty list of names, got 'ckpt'"):
+        _train(tmp_path, transforms="ckpt")
