@@ -2,7 +2,8 @@
 plots, replay and retention share.
 
 :func:`scan` reads one configuration's stored logits an epoch at a time and scores each
-transform on val and test: single-model transforms per member and epoch, ensembles at each
+transform on val and test through :func:`posthoc_tune.scoring.score`: trial transforms per
+member and epoch (a checkpoint ensemble over the member's last epochs), seed ensembles at each
 epoch every member reached. When :func:`posthoc_tune.retention.compact` deletes logits it
 first stores the configuration's scored curves (:func:`scores_table`), and a scan takes the
 deleted epochs' scores from there, so every table and figure stays the same.

@@ -73,8 +73,8 @@ class Experiment:
 
     Args:
         experiment: a ``tune.ResultGrid``, an experiment path/URI or a PredictionStore.
-        transforms: ensemble transforms to select on afterwards (single-model transforms
-            are always scored: schedulers may use any of their keys).
+        transforms: seed-ensemble transforms to select on afterwards (the trial transforms,
+            checkpoint ensembles included, are always scored: schedulers may use their keys).
         ensemble: ensemble combiner.
         select_by: ``"nll"``: one model per strategy, chosen by val nll, reported on test
             nll and error; ``"same"``: error chosen by val error (the paper's table).
@@ -271,8 +271,8 @@ class Experiment:
         _, transform, name = parse_metric_key(metric)
         if transform.ens or name not in _REPLAYED_METRICS:
             raise ValueError(
-                f"a replay feeds per-trial {list(_REPLAYED_METRICS)} keys of single-model "
-                f"transforms; {type(scheduler).__name__} asks for {metric!r}"
+                f"a replay feeds the {list(_REPLAYED_METRICS)} keys of the transforms a trial "
+                f"reports; {type(scheduler).__name__} asks for {metric!r}"
             )
 
 
