@@ -20,14 +20,25 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from posthoc_tune import tokens as tok
 from posthoc_tune.groups import without_path
-from posthoc_tune.keys import METRICS, SPLITS, VARIANTS, Transform, metric_key, parse_transform
+from posthoc_tune.keys import (
+    METRICS,
+    SPLITS,
+    TOKEN_METRICS,
+    VARIANTS,
+    Transform,
+    metric_key,
+    parse_transform,
+)
 from posthoc_tune.scoring import score, store_labels, window
 from posthoc_tune.store import PredictionStore, VariantParts
 from posthoc_tune.transforms import Combiner
 
 Scores = dict[str, float]  # metric key -> value: "val/swa+ts/nll", "test/base/error", ...
 DEFAULT_METRICS: tuple[str, ...] = ("nll", "error")  # what the selection table reports
+TOKEN_TABLE_METRICS: tuple[str, ...] = ("token_nll", "perplexity", "token_error")
+"""What a token-level selection table reports (``selection_table(metrics=...)``)."""
 
 _COMBINER = b"posthoc_tune.combiner"
 _MEMBERS = b"posthoc_tune.members"
@@ -71,7 +82,8 @@ def scan(
     """Score ``transforms`` on every stored epoch of a configuration's ``members``, reading
     one epoch of its members at a time and keeping the last few a checkpoint window needs
     (memory stays flat in the number of epochs); epochs a compaction deleted come from the
-    configuration's stored scores."""
+    configuration's stored scores. Token metrics come from the stored token records (single
+    models only)."""
     curves = Curves(group, config, members)
     parsed = [parse_transform(t) for t in transforms]
     for t in parsed:
@@ -79,6 +91,25 @@ def scan(
             curves.ens[t.name] = {}
         else:
             curves.single[t.name] = {m: {} for m in members}
+    class_metrics = [m for m in metrics if m not in TOKEN_METRICS]
+    if class_metrics:
+        _scan_logits(store, curves, parsed, ensemble, class_metrics)
+        _fill_from_stored_scores(store, curves, ensemble, class_metrics)
+    token_metrics = [m for m in metrics if m in TOKEN_METRICS]
+    if token_metrics:
+        _scan_tokens(store, curves, [t for t in parsed if not t.combines], token_metrics)
+    return curves
+
+
+def _scan_logits(
+    store: PredictionStore,
+    curves: Curves,
+    parsed: Sequence[Transform],
+    ensemble: Combiner,
+    metrics: Sequence[str],
+) -> None:
+    """Class metrics from the stored logits, an epoch of every member at a time."""
+    members = curves.members
     depth = max((t.window for t in parsed if not t.ens), default=1)
     labels = store_labels(store)
     epochs = {m: set(store.epochs(m)) for m in members}
@@ -106,8 +137,25 @@ def scan(
                     curves.single[t.name][m][epoch] = score(
                         t, members_of, labels, ensemble=ensemble, metrics=metrics
                     )
-    _fill_from_stored_scores(store, curves, ensemble, metrics)
-    return curves
+
+
+def _scan_tokens(
+    store: PredictionStore, curves: Curves, parsed: Sequence[Transform], metrics: Sequence[str]
+) -> None:
+    """Token metrics of single-model transforms from each member's stored token records, one
+    epoch and variant at a time (a single model's temperature is refit, as for logits)."""
+    variants = dict.fromkeys(t.variant for t in parsed)
+    for m in curves.members:
+        for epoch in store.token_epochs(m):
+            for variant in variants:
+                try:
+                    parts = store.read_tokens(m, epoch, variant)
+                except KeyError:  # no SWA records before SWA starts
+                    continue
+                parts = tok.TokenParts(parts.records, None)
+                for t in (t for t in parsed if t.variant == variant):
+                    scores = tok.score(t, parts, metrics=metrics)
+                    curves.single[t.name][m].setdefault(epoch, {}).update(scores)
 
 
 def variants(store: PredictionStore, trial_id: str, epoch: int) -> dict[str, VariantParts]:
@@ -129,6 +177,8 @@ def naive_ensembles(
     base-best epochs within ``curves`` (which a replay may have cut short), for the
     objectives of ``select_by`` (``"same"``: nll and error; ``"nll"``: nll)."""
     curves.naive_ens.clear()
+    if not curves.ens:
+        return
     labels = store_labels(store)
     for t in curves.ens:
         variant = parse_transform(t).variant

@@ -117,16 +117,21 @@ def config_titles(configs: Configurations) -> dict[str, str]:
 
 
 def selection_view(table: pd.DataFrame, configs: Configurations) -> list[pd.DataFrame]:
-    """The readable form of :func:`~posthoc_tune.selection.selection_table`: test nll and
-    error, naive and post-hoc, and what each selected (``c3 @ 20-29``: configuration and the
-    members' range of epochs), followed by the legend of the labels when there are several
-    configurations."""
+    """The readable form of :func:`~posthoc_tune.selection.selection_table`: its test metrics
+    (nll and error by default), naive and post-hoc, and what each selected (``c3 @ 20-29``:
+    configuration and the members' range of epochs), followed by the legend of the labels
+    when there are several configurations."""
     legend = config_legend(configs)
     keys = [json.dumps(config, sort_keys=True) for _, config in configs.values()]  # as the table
     labels = dict(zip(keys, legend["config"], strict=True))
     rows = table.reset_index()
     view = pd.DataFrame({"transform": rows["transform"]})
-    for metric in ("nll", "error"):
+    metrics = [
+        c.removeprefix("naive/test/")
+        for c in table.columns
+        if c.startswith("naive/test/") and not c.endswith("_std")
+    ]
+    for metric in metrics:  # nll and error, or the token metrics of a token-level table
         for kind in ("naive", "posthoc"):
             view[f"{kind}/{metric}"] = rows[f"{kind}/test/{metric}"]
     for kind in ("naive", "posthoc"):

@@ -116,6 +116,25 @@ TRIAL_TRANSFORMS: tuple[str, ...] = tuple(t.name for t in REGISTRY if t.scope ==
 """The transforms a trial reports itself (the others are its group's, from the driver)."""
 
 METRICS: tuple[str, ...] = ("nll", "error", "ece", "brier")
+"""Metrics of class logits (one row per example)."""
+
+TOKEN_METRICS: tuple[str, ...] = (
+    "token_nll",
+    "perplexity",
+    "token_error",
+    "token_ece",
+    "token_brier",
+)
+"""Metrics of a language model's next-token predictions, averaged over scored tokens
+(:mod:`posthoc_tune.tokens`): NLL per token, its exponential (perplexity), next-token error,
+ECE and Brier score. They sit beside the class metrics (e.g. a multiple-choice task's) in the
+same results."""
+
+TOKEN_TRANSFORMS: tuple[str, ...] = tuple(t.name for t in REGISTRY if not t.combines)
+"""The transforms a trial's stored token records give (single models: base, TS, SWA, SWA+TS).
+Combining token-level predictions needs the members' full logits on the same batches, so
+their ensembles are evaluated from the members' weights
+(:func:`posthoc_tune.tokens.evaluate_ensemble`), not from the store."""
 
 TABLE_TRANSFORMS: tuple[str, ...] = ("base", "ts", "swa", "swa+ts", "ens", "ens+ts", "swa+ens+ts")
 """The selection table's default rows (the paper's)."""
@@ -145,7 +164,7 @@ def metric_key(split: str, transform: str, metric: str) -> str:
     """Build ``"{split}/{transform}/{metric}"`` after validating each part."""
     check_name("split", split, SPLITS)
     check_name("transform", transform, TRANSFORMS)
-    check_name("metric", metric, METRICS)
+    check_name("metric", metric, METRICS + TOKEN_METRICS)
     return f"{split}/{transform}/{metric}"
 
 
@@ -172,8 +191,18 @@ def check_objective(metric: str | None, mode: str | None) -> None:
 
 
 def metric_keys() -> list[str]:
-    """Every metric key a trial reports, in a stable order."""
+    """Every class-metric key a trial reports, in a stable order."""
     return [f"{s}/{t}/{m}" for s in SPLITS for t in TRANSFORMS for m in METRICS]
+
+
+def token_metric_keys() -> list[str]:
+    """Every token-metric key a trial with token-level splits reports, in a stable order."""
+    return [f"{s}/{t}/{m}" for s in SPLITS for t in TOKEN_TRANSFORMS for m in TOKEN_METRICS]
+
+
+def token_temperature_key(variant: str) -> str:
+    """The result key of a variant's token-level temperature (fit on the val tokens)."""
+    return f"token_temperature/{check_name('variant', variant, VARIANTS)}"
 
 
 @dataclass(frozen=True)
@@ -194,6 +223,14 @@ class Objective:
     def parse(cls, key: str, mode: str) -> Objective:
         split, transform, metric = parse_metric_key(key)
         check_objective(key, mode)
+        if metric in TOKEN_METRICS and transform.combines:
+            raise ValueError(
+                f"{key!r} combines token-level predictions, which no trial reports and the "
+                f"store cannot rebuild (it keeps compact token records, not logits): rank by a "
+                f"single-model key such as {split}/swa+ts/{metric} (any of "
+                f"{list(TOKEN_TRANSFORMS)}); evaluate token-level ensembles from the members' "
+                f"weights with posthoc_tune.tokens.evaluate_ensemble"
+            )
         return cls(key, mode, split, transform, metric)
 
     @property

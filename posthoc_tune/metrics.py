@@ -69,14 +69,19 @@ def _error(s: _Scores) -> float:
 
 def _ece(s: _Scores) -> float:
     # The top-label probability is the predicted class's (exp and the shift are monotone).
-    conf = s.probs.max(dim=1).values.to(torch.float64)
-    pred = s.pred
+    return binned_ece(s.probs.max(dim=1).values, s.pred == s.labels)
+
+
+def binned_ece(confidence: torch.Tensor, correct: torch.Tensor) -> float:
+    """ECE of top-label ``confidence`` values and whether each prediction was ``correct``
+    (one place for the binning: class logits and token records both use it)."""
+    conf = confidence.to(torch.float64)
     # Bin b (0-based) holds confidences in (b/15, (b+1)/15]: right-closed bins.
     bins = (torch.ceil(conf * ECE_BINS) - 1).clamp_(0, ECE_BINS - 1).to(torch.int64)
     gap = torch.zeros(ECE_BINS, dtype=torch.float64)
-    gap.index_add_(0, bins, (pred == s.labels).to(torch.float64) - conf)
+    gap.index_add_(0, bins, correct.to(torch.float64) - conf)
     # sum_b (n_b/N) |acc_b - conf_b| == sum_b |sum_{i in b} (correct_i - conf_i)| / N
-    return float(gap.abs().sum() / s.labels.shape[0])
+    return float(gap.abs().sum() / conf.shape[0])
 
 
 def _brier(s: _Scores) -> float:

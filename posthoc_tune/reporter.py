@@ -16,7 +16,6 @@ barrier).
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 import os
@@ -28,13 +27,22 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from posthoc_tune import tokens as tok
 from posthoc_tune._arrays import ArrayLike, integer_tensor, output_logits, to_numpy
 from posthoc_tune._session import TRIAL_KEY, current_session
 from posthoc_tune.groups import check_seed_key
-from posthoc_tune.keys import TRIAL_TRANSFORMS, VARIANTS, metric_keys, parse_transform
+from posthoc_tune.keys import (
+    TOKEN_TRANSFORMS,
+    TRIAL_TRANSFORMS,
+    VARIANTS,
+    metric_keys,
+    parse_transform,
+    token_metric_keys,
+    token_temperature_key,
+)
 from posthoc_tune.scoring import score, window
-from posthoc_tune.store import Dtype, PredictionStore, VariantParts
-from posthoc_tune.transforms import TemperatureScaler, WeightAverager, unwrap_model
+from posthoc_tune.store import Dtype, PartKey, PredictionStore, VariantParts
+from posthoc_tune.transforms import TemperatureScaler, WeightAverager, evaluating, unwrap_model
 
 STATE_FILE = "posthoc_state.pt"
 
@@ -195,18 +203,6 @@ def _gather_rows(
     return logits, np.concatenate([s[2] for s in shards])[first]
 
 
-@contextlib.contextmanager
-def _evaluating(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode without gradients, restoring the caller's train/eval mode afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
 class PostHocReporter:
     """Report naive and post-hoc metrics for every epoch of a Tune trial, and store the logits.
 
@@ -214,8 +210,18 @@ class PostHocReporter:
         model: the model being trained (evaluated on its own device).
         config: the trial's config; stored as metadata with its group key and seed.
         val: ``(x, y)`` tensors, a DataLoader of ``(x, y)`` (no shuffling), or a
-            ``(predict, labels)`` pair where ``predict(model, "val")`` returns logits.
+            ``(predict, labels)`` pair where ``predict(model, "val")`` returns logits (e.g.
+            :class:`posthoc_tune.llm.MultipleChoice`'s ``split``). Optional when ``tokens``
+            are given.
         test: same forms as ``val``; optional (test keys are then NaN).
+        tokens: a language model's token-level splits: ``{"val": loader, "test": loader}``
+            (test optional), each loader yielding causal-LM batches (mappings with
+            ``input_ids``, ``labels`` with -100 at positions not scored, optionally
+            ``attention_mask``; see :class:`posthoc_tune.tokens.TokenSplit`). Every epoch the
+            reporter then also reports ``{split}/{transform}/{token_nll, perplexity,
+            token_error, token_ece, token_brier}`` for base, ts, swa and swa+ts, and
+            ``token_temperature/{base,swa}``, computed batch by batch on the model's device,
+            and stores 44 numbers per token instead of the logits (rank 0 evaluates them).
         store: a :class:`PredictionStore`, an experiment path/URI (the logits go to its
             ``posthoc/`` folder, created on the first write), or None: inside Tune the
             experiment's own storage (``storage_path``/``storage_filesystem``), outside Tune
@@ -254,8 +260,9 @@ class PostHocReporter:
         model: torch.nn.Module,
         config: Mapping[str, Any],
         *,
-        val: Any,
+        val: Any = None,
         test: Any = None,
+        tokens: Mapping[str, Iterable[Any]] | None = None,
         store: PredictionStore | str | os.PathLike[str] | None = None,
         seed_key: str = "seed",
         swa_start_epoch: int = 1,
@@ -288,9 +295,19 @@ class PostHocReporter:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         self.model = unwrap_model(model)  # DDP's forward is a collective; SWA needs no prefix
-        self.splits = {"val": _EvalSplit("val", val, eval_batch_size)}
+        self.splits: dict[str, _EvalSplit] = {}
+        if val is not None:
+            self.splits["val"] = _EvalSplit("val", val, eval_batch_size)
         if test is not None:
+            if val is None:
+                raise ValueError("test= needs val= too: temperatures are fit on val")
             self.splits["test"] = _EvalSplit("test", test, eval_batch_size)
+        self.token_splits = _token_splits(tokens)
+        if not self.splits and not self.token_splits:
+            raise ValueError(
+                "nothing to evaluate: pass val= (class logits) and/or tokens= (a language "
+                "model's token-level splits)"
+            )
         self.swa = WeightAverager(
             self.model, start_epoch=swa_start_epoch, trainable_only=swa_trainable_only
         )
@@ -326,6 +343,12 @@ class PostHocReporter:
         if bn_loader is None or not self.swa.has_batchnorm:
             return None
         if bn_loader == "val":
+            if "val" not in self.splits:
+                raise ValueError(
+                    "the model has BatchNorm layers and there is no val= split whose inputs "
+                    "could re-estimate SWA's BatchNorm statistics: pass bn_loader= an iterable "
+                    "of input batches, or bn_loader=None to skip re-estimation"
+                )
             if self.splits["val"].sharded:
                 raise ValueError(
                     "the model has BatchNorm layers and the val loader is sharded across ranks, "
@@ -361,38 +384,46 @@ class PostHocReporter:
         self.epoch += 1
         result: dict[str, float] = {}
         if self._evaluates:
-            logits, labels, variants = self._evaluate()
+            logits, labels, records = self._evaluate()
             if self.session.is_writer:
-                result = self._metrics(logits, labels)
+                result = {"epoch": self.epoch}
+                if self.splits:
+                    result.update(self._metrics(logits, labels))
+                if self.token_splits:
+                    result.update(self._token_metrics(records))
                 result.update(extra)
                 if self.store is not None:  # before reporting: the driver may then read it
-                    temperatures = {v: result[f"temperature/{v}"] for v in variants}
-                    self._write(logits, labels, temperatures)
+                    self._write(logits, labels, records, result)
         if self.in_tune and self.report:
             self._report(result)
         return result
 
     def _evaluate(
         self,
-    ) -> tuple[dict[tuple[str, str], np.ndarray], dict[str, np.ndarray], list[str]]:
-        """SWA update, then every split's logits of the base and SWA model: all of them on
-        rank 0, the sharded splits' gathered there (other ranks keep nothing)."""
+    ) -> tuple[dict[PartKey, np.ndarray], dict[str, np.ndarray], dict[PartKey, np.ndarray]]:
+        """SWA update, then every split's logits of the base and SWA model (all of them on
+        rank 0, the sharded splits' gathered there; other ranks keep nothing) and, on rank 0,
+        their token records."""
         self.swa.update(self.model)
         variants = {"base": self.model}
         if self.swa.active:
             if self._bn_inputs is not None:
                 self.swa.update_bn(self._bn_inputs)
             variants["swa"] = self.swa.model
-        logits: dict[tuple[str, str], np.ndarray] = {}
+        logits: dict[PartKey, np.ndarray] = {}
         labels: dict[str, np.ndarray] = {}
+        records: dict[PartKey, np.ndarray] = {}
         for variant, module in variants.items():
-            with _evaluating(module):
+            with evaluating(module):
                 for split, source in self.splits.items():
                     if source.sharded or self.session.is_writer:
                         predicted = source.predict(module)
                         if predicted is not None:
                             logits[(split, variant)], labels[split] = predicted
-        return logits, labels, list(variants)
+                if self.session.is_writer:
+                    for split, tokens in self.token_splits.items():
+                        records[(split, variant)] = tokens.records(module)
+        return logits, labels, records
 
     def _metrics(
         self, logits: Mapping[tuple[str, str], np.ndarray], labels: Mapping[str, np.ndarray]
@@ -400,7 +431,6 @@ class PostHocReporter:
         """Fit each variant's temperature (warm-started from the last epoch), remember the
         epoch's logits for checkpoint windows, and score the reported transforms."""
         result = dict.fromkeys(metric_keys(), math.nan)
-        result["epoch"] = self.epoch
         parts = {}
         for variant in VARIANTS:
             result[f"temperature/{variant}"] = math.nan
@@ -420,23 +450,58 @@ class PostHocReporter:
                 result.update(score(transform, members, labels))
         return result
 
+    def _token_metrics(self, records: Mapping[PartKey, np.ndarray]) -> dict[str, float]:
+        """Each variant's token temperature (fit on its val records) and the token metrics
+        of the reported single-model transforms."""
+        result = dict.fromkeys(token_metric_keys(), math.nan)
+        parts = {}
+        for variant in VARIANTS:
+            result[token_temperature_key(variant)] = math.nan
+            if ("val", variant) in records:
+                by_split = {s: records[(s, variant)] for s in self.token_splits}
+                temperature = tok.fit_temperature(by_split["val"])
+                result[token_temperature_key(variant)] = temperature
+                parts[variant] = tok.TokenParts(by_split, temperature)
+        for transform in self.transforms:
+            variant = parse_transform(transform).variant
+            if transform in TOKEN_TRANSFORMS and variant in parts:
+                result.update(tok.score(transform, parts[variant]))
+        return result
+
     def _write(
         self,
-        logits: Mapping[tuple[str, str], np.ndarray],
+        logits: Mapping[PartKey, np.ndarray],
         labels: Mapping[str, np.ndarray],
-        temperatures: Mapping[str, float],
+        records: Mapping[PartKey, np.ndarray],
+        result: Mapping[str, float],
     ) -> None:
         assert self.store is not None
         if not self._labels_written:
             for split, y in labels.items():
                 self.store.write_labels(split, y)
             self._labels_written = True
-        self.store.write_epoch(self.trial_id, self.epoch, logits, temperatures)
+        if logits:
+            variants = {v for _, v in logits}
+            temperatures = {v: result[f"temperature/{v}"] for v in variants}
+            self.store.write_epoch(self.trial_id, self.epoch, logits, temperatures)
+        if records:
+            variants = {v for _, v in records}
+            vocab = self.token_splits["val"].vocab_size
+            assert vocab is not None  # set by the evaluation
+            self.store.write_tokens(
+                self.trial_id,
+                self.epoch,
+                records,
+                {v: result[token_temperature_key(v)] for v in variants},
+                vocab_size=vocab,
+            )
 
     def _extra_metrics(self, metrics: Mapping[str, Any] | None) -> dict[str, float]:
         if metrics is None:
             return {}
-        reserved = set(metric_keys()) | {"epoch", "temperature/base", "temperature/swa"}
+        reserved = {"epoch", *metric_keys(), *token_metric_keys()} | {
+            f"{prefix}/{v}" for prefix in ("temperature", "token_temperature") for v in VARIANTS
+        }
         clash = sorted(set(metrics) & reserved)
         if clash:
             raise ValueError(f"extra metrics {clash} clash with keys the reporter sets")
@@ -527,6 +592,17 @@ def reporter_options(options: Mapping[str, Any], owner: str) -> dict[str, Any]:
     if unknown:
         raise TypeError(f"{owner} got unknown reporter options {unknown}; it takes {allowed}")
     return dict(options)
+
+
+def _token_splits(tokens: Mapping[str, Iterable[Any]] | None) -> dict[str, tok.TokenSplit]:
+    """The validated ``tokens=`` splits (val required, test optional)."""
+    if tokens is None:
+        return {}
+    if not isinstance(tokens, Mapping) or "val" not in tokens:
+        raise ValueError(
+            f"tokens must be a mapping with a 'val' loader (and optionally 'test'), got {tokens!r}"
+        )
+    return {split: tok.TokenSplit(split, loader) for split, loader in tokens.items()}
 
 
 def _reported(transforms: Sequence[str] | None) -> tuple[str, ...]:

@@ -34,7 +34,10 @@ from posthoc_tune.display import render
 from posthoc_tune.groups import flatten_config
 from posthoc_tune.keys import (
     FORMATS,
+    METRICS,
     TABLE_TRANSFORMS,
+    TOKEN_METRICS,
+    TOKEN_TRANSFORMS,
     Objective,
     check_name,
     metric_key,
@@ -117,11 +120,12 @@ def open_store(results_or_path: Any) -> PredictionStore:
 
 def selection_table(
     results_or_experiment_path: Any,
-    transforms: Sequence[str] = TABLE_TRANSFORMS,
+    transforms: Sequence[str] | None = None,
     over: str = "epochs",
     select_by: str = "same",
     ensemble: Combiner = "logits",
     progress: bool | None = None,
+    metrics: Sequence[str] = DEFAULT_METRICS,
 ) -> pd.DataFrame:
     """Naive vs post-hoc selection for each transform, from the prediction store alone.
 
@@ -133,20 +137,27 @@ def selection_table(
 
     Args:
         results_or_experiment_path: a ``tune.ResultGrid`` or an experiment path/URI.
-        transforms: rows, any of ``posthoc_tune.TRANSFORMS``; ``base`` is always computed
-            (the gains are measured from it).
+        transforms: rows, any of ``posthoc_tune.TRANSFORMS`` (default: the paper's
+            ``TABLE_TRANSFORMS``, or ``TOKEN_TRANSFORMS`` for token metrics); ``base`` is
+            always computed (the gains are measured from it).
         over: ``"epochs"`` (each configuration on its own; with several configurations the
             index is (config, transform)) or ``"configs+epochs"`` (the configuration is chosen
             too: naive by the base val metric, post-hoc by the transformed one).
-        select_by: ``"same"``: loss columns selected by val nll, error columns by val error
-            (the paper); ``"nll"``: both by val nll.
+        select_by: ``"same"``: each column selected by its own val metric (loss by val nll,
+            error by val error: the paper); ``"nll"``: all by val nll (``token_nll`` for token
+            metrics).
         ensemble: ensemble combiner.
         progress: show a progress bar on standard error (default: when it is a terminal).
+        metrics: the reported metrics, class metrics (default ``("nll", "error")``) or token
+            metrics of a language model's stored token records (e.g.
+            ``("token_nll", "perplexity", "token_error")``, single-model transforms only);
+            the first is the loss whose selection the epoch, config and ratio columns
+            describe.
 
     The scan streams: it holds one epoch of one configuration's members at a time, plus a
     few scalars per member and epoch, so memory does not grow with the number of trials.
 
-    Returns a DataFrame with, for each of ``nll`` and ``error``: ``naive/test/<m>``,
+    Returns a DataFrame with, for each metric ``m`` (``nll`` and ``error``): ``naive/test/<m>``,
     ``posthoc/test/<m>`` (single-model transforms: mean over members, ``..._std`` their
     standard deviation), ``naive/gain/<m>`` and ``posthoc/gain/<m>`` (base's test value
     minus the row's: positive is better), ``ratio/<m>`` (post-hoc gain / naive gain), and
@@ -155,7 +166,18 @@ def selection_table(
     loss columns' selection). ``ratio`` is ``ratio/nll``; it is negative when naive selection
     made the transform worse than the base model.
     """
+    metrics = _table_metrics(metrics)
+    tokens = metrics[0] in TOKEN_METRICS
+    if transforms is None:
+        transforms = TOKEN_TRANSFORMS if tokens else TABLE_TRANSFORMS
     names = [parse_transform(t).name for t in transforms]
+    combined = [t for t in names if tokens and parse_transform(t).combines]
+    if combined:
+        raise ValueError(
+            f"transforms {combined} combine models, which token records cannot score: a "
+            f"token-level table takes {list(TOKEN_TRANSFORMS)} (evaluate token-level "
+            f"ensembles with posthoc_tune.tokens.evaluate_ensemble)"
+        )
     if over not in ("epochs", "configs+epochs"):
         raise ValueError(f"over must be 'epochs' or 'configs+epochs', got {over!r}")
     if select_by not in ("same", "nll"):
@@ -166,23 +188,23 @@ def selection_table(
     bar = _Progress(sum(len(m) for m, _ in groups.values()), progress)
     curves = []  # per configuration only its picks: memory stays flat in the trial count
     for group, (members, config) in groups.items():
-        scanned = scan(store, group, members, config, needed, ensemble)
+        scanned = scan(store, group, members, config, needed, ensemble, metrics)
         naive_ensembles(store, scanned, select_by, ensemble)
-        curves.append(summarise(scanned, needed, select_by))
+        curves.append(summarise(scanned, needed, select_by, metrics))
         bar.advance(len(members))
     bar.close()
     if over == "configs+epochs" or len(curves) == 1:
-        rows = {t: table_row(curves, t) for t in needed}
+        rows = {t: table_row(curves, t, metrics) for t in needed}
         frame = pd.DataFrame.from_dict(rows, orient="index")
     else:
         blocks = {
-            (json.dumps(c.config, sort_keys=True), t): table_row([c], t)
+            (json.dumps(c.config, sort_keys=True), t): table_row([c], t, metrics)
             for c in curves
             for t in needed
         }
         frame = pd.DataFrame.from_dict(blocks, orient="index")
         frame.index.names = ["config", "transform"]
-    frame = _with_gains(frame)
+    frame = _with_gains(frame, metrics)
     keep = frame.index.get_level_values(-1).isin(names)
     frame = frame[keep]
     if frame.index.nlevels == 1:
@@ -252,22 +274,44 @@ class Summary:
     picks: dict[tuple[str, str, bool], _Pick]
 
 
-def summarise(curves: Curves, transforms: list[str], select_by: str) -> Summary:
+def _table_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
+    """Validated table metrics: one family (class or token), no repeats."""
+    if isinstance(metrics, str) or not metrics:
+        raise ValueError(f"metrics must be a non-empty list of metric names, got {metrics!r}")
+    names = tuple(dict.fromkeys(check_name("metric", m, METRICS + TOKEN_METRICS) for m in metrics))
+    family = TOKEN_METRICS if names[0] in TOKEN_METRICS else METRICS
+    if any(m not in family for m in names):
+        raise ValueError(
+            f"metrics {list(names)} mix class and token metrics: a table reports one kind, "
+            f"{list(METRICS)} or {list(TOKEN_METRICS)}"
+        )
+    return names
+
+
+def summarise(
+    curves: Curves,
+    transforms: list[str],
+    select_by: str,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+) -> Summary:
     """A configuration's naive and post-hoc picks for every transform and reported metric."""
     picks = {}
+    loss = "token_nll" if metrics[0] in TOKEN_METRICS else "nll"
     for transform in transforms:
-        for metric in DEFAULT_METRICS:
-            obj = metric if select_by == "same" else "nll"
+        for metric in metrics:
+            obj = metric if select_by == "same" else loss
             for naive in (True, False):
                 picks[(transform, metric, naive)] = _selected(curves, transform, metric, obj, naive)
     return Summary(curves.config, picks)
 
 
-def table_row(curves: list[Summary], transform: str) -> dict[str, Any]:
+def table_row(
+    curves: list[Summary], transform: str, metrics: Sequence[str] = DEFAULT_METRICS
+) -> dict[str, Any]:
     """A table row: for each reported metric, the naive and post-hoc picks, choosing the
     configuration (when there are several) by the naive or post-hoc val objective."""
     row: dict[str, Any] = {}
-    for metric in DEFAULT_METRICS:
+    for metric in metrics:
         for kind, naive in (("naive", True), ("posthoc", False)):
             picks = [(c, c.picks[(transform, metric, naive)]) for c in curves]
             finite = [(c, p) for c, p in picks if math.isfinite(p.val)]
@@ -276,16 +320,16 @@ def table_row(curves: list[Summary], transform: str) -> dict[str, Any]:
             row[f"{kind}/test/{metric}_std"] = (
                 float(np.std(pick.test)) if len(pick.test) > 1 else math.nan
             )
-            if metric == "nll":
+            if metric == metrics[0]:
                 row[f"{kind}/epoch"] = pick.epochs
                 row[f"{kind}/config"] = json.dumps(chosen.config, sort_keys=True)
     return row
 
 
-def _with_gains(frame: pd.DataFrame) -> pd.DataFrame:
+def _with_gains(frame: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
     """Gains over the untransformed base (of the same configuration block) and their ratio."""
     frame = frame.copy()
-    for metric in DEFAULT_METRICS:
+    for metric in metrics:
         if frame.index.nlevels == 1:
             base = frame.loc["base", f"naive/test/{metric}"]
         else:
@@ -300,7 +344,7 @@ def _with_gains(frame: pd.DataFrame) -> pd.DataFrame:
             frame[f"ratio/{metric}"] = (
                 frame[f"posthoc/gain/{metric}"] / frame[f"naive/gain/{metric}"]
             )
-    frame["ratio"] = frame["ratio/nll"]
+    frame["ratio"] = frame[f"ratio/{metrics[0]}"]
     return frame
 
 

@@ -33,10 +33,12 @@ import pyarrow.parquet as pq
 from posthoc_tune._arrays import ArrayLike, integer_tensor, to_numpy
 from posthoc_tune.groups import get_path, group_key, jsonable
 from posthoc_tune.keys import SPLITS, VARIANTS, check_name
+from posthoc_tune.tokens import GRID, TokenParts, check_records
 
 FORMAT_VERSION = 1
 STORE_DIR = "posthoc"
 _CLASSES_FILE = "classes.json"
+_TOKENS_FILE = "tokens.json"
 _EPOCH_FILE = re.compile(r"^epoch_(\d{6})\.parquet$")
 _META_FILE = re.compile(r"^([^.].*)\.json$")
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")  # used with fullmatch
@@ -44,12 +46,16 @@ _TMP = ".tmp-"  # in the names of files being written: ".<name>.tmp-<uuid>"
 _ATOMIC_PUT = {"s3", "gcs", "abfs"}  # filesystems whose uploads become visible only on close
 
 _TEMPERATURES = b"posthoc_tune.temperatures"
+_GRID = b"posthoc_tune.token_grid"
 # Errors of a stored file that exists but does not read as this format (truncated, corrupt,
 # foreign, or a failing disk or connection).
 _READ_ERRORS = (pa.ArrowException, OSError, ValueError, KeyError)
 
 Dtype = Literal["float32", "float16"]
 PartKey = tuple[str, str]  # (split, variant)
+Kind = Literal["logits", "tokens"]
+_COLUMN: dict[Kind, str] = {"logits": "logits", "tokens": "record"}  # a kind's values column
+_WHAT: dict[Kind, str] = {"logits": "epoch", "tokens": "token records of epoch"}
 
 
 class VariantParts(NamedTuple):
@@ -259,13 +265,7 @@ class PredictionStore:
             parts[(split, variant)] = arr
         metadata = {}
         if temperatures:
-            for variant, t in temperatures.items():
-                check_name("variant", variant, VARIANTS)
-                if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
-                    raise ValueError(
-                        f"temperature of {variant!r} must be finite and > 0, got {t!r}"
-                    )
-            metadata[_TEMPERATURES] = json.dumps({v: float(t) for v, t in temperatures.items()})
+            metadata[_TEMPERATURES] = json.dumps(_checked_temperatures(temperatures))
         assert n_classes is not None  # logits is not empty
         self._check_classes(trial_id, epoch, n_classes)
         self._write_parquet(
@@ -334,6 +334,75 @@ class PredictionStore:
             raise KeyError(f"trial {trial_id!r} epoch {epoch} has no {split}/{variant} logits")
         return parts[(split, variant)]
 
+    # -- token records ----------------------------------------------------------------------
+
+    def write_tokens(
+        self,
+        trial_id: str,
+        epoch: int,
+        records: Mapping[PartKey, ArrayLike],
+        temperatures: Mapping[str, float] | None = None,
+        *,
+        vocab_size: int,
+    ) -> None:
+        """Write one epoch's token records (:mod:`posthoc_tune.tokens`) as one file.
+
+        ``records`` maps ``(split, variant)`` to an ``(n_tokens, RECORD_WIDTH)`` array;
+        ``temperatures`` the variants' token-level temperatures. Records are always float32
+        (float16 would move the NLL by ~1e-2). Every trial of the experiment must score the
+        same number of tokens per split with the same ``vocab_size`` (recorded by the first
+        write, in ``tokens.json``): their metrics are compared.
+        """
+        _check_id(trial_id)
+        _check_epoch(epoch)
+        if not records:
+            raise ValueError(f"no token records to write for trial {trial_id!r} epoch {epoch}")
+        parts = {}
+        for (split, variant), value in records.items():
+            check_name("split", split, SPLITS)
+            check_name("variant", variant, VARIANTS)
+            parts[(split, variant)] = check_records(
+                to_numpy(value), f"{split}/{variant} token records"
+            )
+        counts = {split: len(r) for (split, _), r in parts.items()}
+        self._check_tokens(trial_id, epoch, vocab_size, counts)
+        metadata = {_GRID: json.dumps(GRID.tolist())}
+        if temperatures:
+            metadata[_TEMPERATURES] = json.dumps(_checked_temperatures(temperatures))
+        self._write_parquet(
+            self._epoch_path(trial_id, epoch, "tokens"),
+            self._epoch_table(trial_id, epoch, parts, "tokens"),
+            metadata,
+        )
+
+    def read_tokens(
+        self, trial_id: str, epoch: int, variant: str, splits: Iterable[str] = SPLITS
+    ) -> TokenParts:
+        """One variant's token records of ``splits`` with its token temperature; KeyError if
+        the epoch has none."""
+        check_name("variant", variant, VARIANTS)
+        wanted = {check_name("split", s, SPLITS) for s in splits}
+        parts, metadata = self._read_parts(
+            trial_id, epoch, lambda key: key[0] in wanted and key[1] == variant, "tokens"
+        )
+        if not parts:
+            raise KeyError(f"trial {trial_id!r} epoch {epoch} has no {variant} token records")
+        grid = json.loads(metadata.get(_GRID, b"[]"))
+        if not np.allclose(grid, GRID, rtol=0, atol=1e-12):
+            path = self._epoch_path(trial_id, epoch, "tokens")
+            raise StoreError(
+                f"token records at {path!r} were computed on another grid of inverse "
+                f"temperatures ({len(grid)} points) than this version's ({len(GRID)}): "
+                f"re-evaluate them with this version"
+            )
+        t = json.loads(metadata.get(_TEMPERATURES, b"{}")).get(variant)
+        records = {split: arr for (split, _), arr in parts.items()}
+        return TokenParts(records, None if t is None else float(t))
+
+    def token_epochs(self, trial_id: str) -> list[int]:
+        """The epochs of a trial with stored token records, ascending."""
+        return self._epochs(trial_id, "tokens")
+
     def trials(self) -> list[str]:
         """Ids of the trials with metadata or logits in the store, sorted (none when the store
         does not exist: see ``must_exist`` in :meth:`open`)."""
@@ -347,9 +416,13 @@ class PredictionStore:
         return sorted(with_logits | with_meta)
 
     def epochs(self, trial_id: str) -> list[int]:
-        """The published epochs of a trial, ascending (temporary files are never listed)."""
+        """The published epochs of a trial's logits, ascending (temporary files are never
+        listed)."""
+        return self._epochs(trial_id, "logits")
+
+    def _epochs(self, trial_id: str, kind: Kind) -> list[int]:
         _check_id(trial_id)
-        names = (i.base_name for i in self._list(self._logits_dir(trial_id)))
+        names = (i.base_name for i in self._list(self._dir(trial_id, kind)))
         return sorted(int(m.group(1)) for m in map(_EPOCH_FILE.match, names) if m)
 
     # -- retention --------------------------------------------------------------------------
@@ -363,10 +436,12 @@ class PredictionStore:
                 self.filesystem.delete_file(self._epoch_path(trial_id, epoch))
 
     def delete_trial(self, trial_id: str) -> None:
-        """Delete a trial's logits and metadata: it leaves the experiment's tables."""
+        """Delete a trial's logits, token records and metadata: it leaves the experiment's
+        tables."""
         _check_id(trial_id)
-        with contextlib.suppress(FileNotFoundError):
-            self.filesystem.delete_dir(self._logits_dir(trial_id))
+        for kind in _COLUMN:
+            with contextlib.suppress(FileNotFoundError):
+                self.filesystem.delete_dir(self._dir(trial_id, kind))
         with contextlib.suppress(FileNotFoundError):
             self.filesystem.delete_file(self._meta_path(trial_id))
 
@@ -383,7 +458,8 @@ class PredictionStore:
             return []
         stale = [
             info.path
-            for info in self._list(self._logits_dir(trial_id))
+            for kind in _COLUMN
+            for info in self._list(self._dir(trial_id, kind))
             if info.base_name.startswith(".epoch_") and _TMP in info.base_name
         ]
         meta_prefix = f".{posixpath.basename(self._meta_path(trial_id))}{_TMP}"
@@ -456,11 +532,11 @@ class PredictionStore:
     def _scores_path(self, group: str) -> str:
         return posixpath.join(self.root, "scores", f"{group}.parquet")
 
-    def _logits_dir(self, trial_id: str) -> str:
-        return posixpath.join(self.root, "logits", trial_id)
+    def _dir(self, trial_id: str, kind: Kind = "logits") -> str:
+        return posixpath.join(self.root, kind, trial_id)
 
-    def _epoch_path(self, trial_id: str, epoch: int) -> str:
-        return posixpath.join(self._logits_dir(trial_id), f"epoch_{epoch:06d}.parquet")
+    def _epoch_path(self, trial_id: str, epoch: int, kind: Kind = "logits") -> str:
+        return posixpath.join(self._dir(trial_id, kind), f"epoch_{epoch:06d}.parquet")
 
     def _meta_path(self, trial_id: str) -> str:
         return posixpath.join(self.root, "meta", f"{trial_id}.json")
@@ -489,6 +565,39 @@ class PredictionStore:
                 "all trials of an experiment must predict the same classes"
             )
 
+    def _check_tokens(
+        self, trial_id: str, epoch: int, vocab_size: int, counts: Mapping[str, int]
+    ) -> None:
+        """Refuse token records whose vocabulary or token counts differ from the store's,
+        recording them on the first write (later splits are added when first written)."""
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
+            raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
+        path = posixpath.join(self.root, _TOKENS_FILE)
+        try:
+            with self.filesystem.open_input_stream(path) as f:
+                recorded = json.loads(f.read())
+        except FileNotFoundError:
+            recorded = {"vocab_size": vocab_size, "n_tokens": {}}
+        except (OSError, ValueError, TypeError) as err:
+            raise _unreadable("the token counts", path, err) from err
+        where = f"trial {trial_id!r} epoch {epoch}"
+        if recorded["vocab_size"] != vocab_size:
+            raise ValueError(
+                f"{where}: token records of a {vocab_size}-token vocabulary, but the store "
+                f"records {recorded['vocab_size']} ({path!r}): all trials must share the "
+                f"vocabulary"
+            )
+        for split, n in counts.items():
+            stored = recorded["n_tokens"].get(split)
+            if stored is not None and stored != n:
+                raise ValueError(
+                    f"{where}: {n} scored {split} tokens, but the store records {stored} "
+                    f"({path!r}): all trials must score the same {split} tokens"
+                )
+        if any(split not in recorded["n_tokens"] for split in counts):
+            recorded["n_tokens"] = {**counts, **recorded["n_tokens"]}
+            self._publish(path, _write_bytes(json.dumps(recorded).encode()))
+
     def _exists(self, path: str) -> bool:
         return _exists(self.filesystem, path)
 
@@ -497,10 +606,15 @@ class PredictionStore:
         return list(self.filesystem.get_file_info(selector))
 
     def _epoch_table(
-        self, trial_id: str, epoch: int, parts: Mapping[PartKey, np.ndarray]
+        self,
+        trial_id: str,
+        epoch: int,
+        parts: Mapping[PartKey, np.ndarray],
+        kind: Kind = "logits",
     ) -> list[pa.Table]:
-        value_type = pa.float16() if self.dtype == "float16" else pa.float32()
-        np_type = np.float16 if self.dtype == "float16" else np.float32
+        half = self.dtype == "float16" and kind == "logits"  # records stay float32
+        value_type = pa.float16() if half else pa.float32()
+        np_type = np.float16 if half else np.float32
         tables = []
         for (split, variant), arr in sorted(parts.items(), key=_part_order):
             n, c = arr.shape
@@ -513,7 +627,7 @@ class PredictionStore:
                         "split": _constant_string(split, n),
                         "variant": _constant_string(variant, n),
                         "row": pa.array(np.arange(n, dtype=np.int32)),
-                        "logits": pa.FixedSizeListArray.from_arrays(
+                        _COLUMN[kind]: pa.FixedSizeListArray.from_arrays(
                             flat, type=_logits_type(value_type, c)
                         ),
                     }
@@ -572,7 +686,11 @@ class PredictionStore:
             raise
 
     def _read_parts(
-        self, trial_id: str, epoch: int, wanted: Callable[[PartKey], bool]
+        self,
+        trial_id: str,
+        epoch: int,
+        wanted: Callable[[PartKey], bool],
+        kind: Kind = "logits",
     ) -> tuple[dict[PartKey, np.ndarray], dict[bytes, bytes]]:
         """The wanted parts of an epoch file and its metadata.
 
@@ -582,7 +700,8 @@ class PredictionStore:
         """
         _check_id(trial_id)
         _check_epoch(epoch)
-        path = self._epoch_path(trial_id, epoch)
+        path = self._epoch_path(trial_id, epoch, kind)
+        column = _COLUMN[kind]
         try:
             with self.filesystem.open_input_file(path) as f:
                 pf = pq.ParquetFile(f)
@@ -590,21 +709,21 @@ class PredictionStore:
                 for i in range(pf.metadata.num_row_groups):
                     key = _row_group_part(pf.metadata.row_group(i))
                     if key is None:
-                        table = pf.read_row_group(i, columns=["split", "variant", "logits"])
+                        table = pf.read_row_group(i, columns=["split", "variant", column])
                         for k in _parts_in(table):
                             if wanted(k):
                                 mask = pc.and_(
                                     pc.equal(table["split"], k[0]), pc.equal(table["variant"], k[1])
                                 )
-                                chunks.setdefault(k, []).append(table.filter(mask)["logits"])
+                                chunks.setdefault(k, []).append(table.filter(mask)[column])
                     elif wanted(key):
                         chunks.setdefault(key, []).append(
-                            pf.read_row_group(i, columns=["logits"])["logits"]
+                            pf.read_row_group(i, columns=[column])[column]
                         )
                 metadata = dict(pf.schema_arrow.metadata or {})
         except FileNotFoundError:
             raise KeyError(
-                f"trial {trial_id!r} has no stored epoch {epoch} in {self.root!r}"
+                f"trial {trial_id!r} has no stored {_WHAT[kind]} {epoch} in {self.root!r}"
             ) from None
         except _READ_ERRORS as err:
             raise _unreadable(f"epoch {epoch} of trial {trial_id!r}", path, err) from err
@@ -613,6 +732,14 @@ class PredictionStore:
             for k, cs in chunks.items()
         }
         return parts, metadata
+
+
+def _checked_temperatures(temperatures: Mapping[str, float]) -> dict[str, float]:
+    for variant, t in temperatures.items():
+        check_name("variant", variant, VARIANTS)
+        if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
+            raise ValueError(f"temperature of {variant!r} must be finite and > 0, got {t!r}")
+    return {v: float(t) for v, t in temperatures.items()}
 
 
 def _row_group_part(row_group: pq.RowGroupMetaData) -> PartKey | None:

@@ -9,11 +9,12 @@ temperature-scaled logits at one common epoch.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import sys
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal, TypeVar, cast
 
 import numpy as np
@@ -186,6 +187,18 @@ def _newton_log_temperature(
             step /= 2
         u, f, g, h = u_new, f_new, g_new, h_new
     return u, max_iter, False
+
+
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode without gradients, restoring the caller's train/eval mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
