@@ -185,7 +185,15 @@ def check_objective(metric: str | None, mode: str | None) -> None:
     """Validate an optional metric key and an optional mode, as schedulers and searchers
     take them (from their arguments or from ``TuneConfig``)."""
     if metric is not None:
-        parse_metric_key(metric)
+        split, transform, name = parse_metric_key(metric)
+        if name in TOKEN_METRICS and transform.combines:
+            raise ValueError(
+                f"{metric!r} combines token-level predictions, which no trial reports and the "
+                f"store cannot rebuild (it keeps compact token records, not logits): rank by a "
+                f"single-model key such as {split}/swa+ts/{name} (any of "
+                f"{list(TOKEN_TRANSFORMS)}); evaluate token-level ensembles from the members' "
+                f"weights with posthoc_tune.tokens.evaluate_ensemble"
+            )
     if mode is not None and mode not in ("min", "max"):
         raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
 
@@ -223,14 +231,6 @@ class Objective:
     def parse(cls, key: str, mode: str) -> Objective:
         split, transform, metric = parse_metric_key(key)
         check_objective(key, mode)
-        if metric in TOKEN_METRICS and transform.combines:
-            raise ValueError(
-                f"{key!r} combines token-level predictions, which no trial reports and the "
-                f"store cannot rebuild (it keeps compact token records, not logits): rank by a "
-                f"single-model key such as {split}/swa+ts/{metric} (any of "
-                f"{list(TOKEN_TRANSFORMS)}); evaluate token-level ensembles from the members' "
-                f"weights with posthoc_tune.tokens.evaluate_ensemble"
-            )
         return cls(key, mode, split, transform, metric)
 
     @property

@@ -297,3 +297,53 @@ def test_token_ensembles_are_refused_where_records_cannot_give_them(tmp_path: Pa
         selection_table(tmp_path, metrics=["nll", "perplexity"])
     with pytest.raises(ValueError, match="nothing to evaluate"):
         PostHocReporter(_gpt2(0), {"seed": 0})
+
+
+# -- under Tune ---------------------------------------------------------------------------------
+
+
+def _lm_trainable(config: dict[str, Any]) -> None:
+    model = _gpt2(config["seed"]).train()
+    opt = torch.optim.Adam(model.parameters(), lr=config["lr"])
+    train, val, test = _batches(100 + config["seed"], n=16), _batches(1), _batches(2)
+    reporter = PostHocReporter(model, config, tokens={"val": val, "test": test})
+    for _ in range(reporter.epoch, 3):
+        model.train()
+        for batch in train:
+            opt.zero_grad()
+            model(**batch).loss.backward()
+            opt.step()
+        reporter.step()
+
+
+@pytest.mark.slow
+def test_posthoc_asha_prunes_language_models_on_a_token_key(
+    run_tune: Callable[..., Any],
+) -> None:
+    from ray import tune
+
+    import posthoc_tune as pht
+
+    key = "val/swa+ts/perplexity"
+    scheduler = pht.PostHocASHA(metric=key, mode="min", max_t=3, grace_period=1, reduction_factor=2)
+    results = run_tune(
+        _lm_trainable,
+        pht.with_seeds({"lr": tune.grid_search([2e-2, 4e-2])}, 2),
+        tune_config={"scheduler": scheduler},
+        run_config={"callbacks": [scheduler.callback]},
+    )
+    assert len(results) == 4 and not results.errors
+    # The leaderboard rescores the stored records; the same values as the members' mean
+    # reported perplexity (a trial cut while its next epoch was being written may have one
+    # stored epoch more than its results: the leaderboard can only be lower there).
+    board = leaderboard(results, key).set_index("config/lr")
+    for lr in (2e-2, 4e-2):
+        frames = [
+            r.metrics_dataframe.set_index("epoch")[key] for r in results if r.config["lr"] == lr
+        ]
+        common = set.intersection(*(set(f.index) for f in frames))
+        curve = {e: float(np.mean([f[e] for f in frames])) for e in common}
+        value, epoch = board.loc[lr, key], board.loc[lr, "epoch"]
+        assert value <= min(curve.values()) + 1e-12
+        if epoch in curve:
+            assert value == pytest.approx(curve[epoch], rel=1e-9)
