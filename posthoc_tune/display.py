@@ -161,8 +161,8 @@ def leaderboard_view(board: pd.DataFrame, configs: Configurations) -> list[pd.Da
 
 def replay_view(frame: pd.DataFrame, configs: Configurations) -> list[pd.DataFrame]:
     """The readable form of :func:`~posthoc_tune.replay.compare`: per strategy what it
-    selected (``c3 @ 20``), its test nll and error and the compute it spent, followed by the
-    legend of the configurations it selected."""
+    selected (``c3 @ 20``), its test metrics (nll and error) and the compute it spent,
+    followed by the legend of the configurations it selected."""
     legend = config_legend(configs)
     keys = [json.dumps(config, sort_keys=True) for _, config in configs.values()]
     labels = dict(zip(keys, legend["config"], strict=True))
@@ -174,8 +174,7 @@ def replay_view(frame: pd.DataFrame, configs: Configurations) -> list[pd.DataFra
                 f"{labels[c]} @ {epoch_range(e)}"
                 for c, e in zip(chosen, frame["epoch"], strict=True)
             ],
-            "test/nll": frame["test/nll"].to_numpy(),
-            "test/error": frame["test/error"].to_numpy(),
+            **{c: frame[c].to_numpy() for c in frame.columns if c.startswith("test/")},
             "compute": frame["compute"].to_numpy(),
             "fraction": frame["compute_fraction"].to_numpy(),
         }

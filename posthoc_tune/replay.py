@@ -26,16 +26,21 @@ import pandas as pd
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
-from posthoc_tune.curves import Curves, configurations, naive_ensembles, scan
+from posthoc_tune.curves import DEFAULT_METRICS, Curves, configurations, naive_ensembles, scan
 from posthoc_tune.ensemble import EnsembleEvaluator, EnsembleValue
-from posthoc_tune.keys import TRIAL_TRANSFORMS, parse_metric_key, parse_transform
+from posthoc_tune.keys import (
+    TOKEN_METRICS,
+    TOKEN_TRANSFORMS,
+    TRIAL_TRANSFORMS,
+    parse_metric_key,
+    parse_transform,
+)
 from posthoc_tune.schedulers import PostHocASHA
-from posthoc_tune.selection import open_store, summarise, table_row
+from posthoc_tune.selection import open_store, summarise, table_metrics, table_row
 from posthoc_tune.store import PredictionStore
 from posthoc_tune.transforms import Combiner
 
 Selection = Literal["naive", "posthoc"]
-_REPLAYED_METRICS = ("nll", "error")
 
 
 @dataclass
@@ -78,6 +83,10 @@ class Experiment:
         ensemble: ensemble combiner.
         select_by: ``"nll"``: one model per strategy, chosen by val nll, reported on test
             nll and error; ``"same"``: error chosen by val error (the paper's table).
+        metrics: the metrics fed to schedulers and reported: class metrics (default
+            ``("nll", "error")``) or a language model's token metrics (e.g.
+            ``("token_nll", "perplexity", "token_error")``, from its stored token records;
+            single-model transforms only), the first selecting under ``select_by="nll"``.
     """
 
     def __init__(
@@ -87,20 +96,29 @@ class Experiment:
         transforms: Sequence[str] = ("swa+ens+ts",),
         ensemble: Combiner = "logits",
         select_by: str = "nll",
+        metrics: Sequence[str] = DEFAULT_METRICS,
     ) -> None:
         if select_by not in ("same", "nll"):
             raise ValueError(f"select_by must be 'same' or 'nll', got {select_by!r}")
+        self.metrics = table_metrics(metrics)
+        self.tokens = self.metrics[0] in TOKEN_METRICS
         self.store: PredictionStore = open_store(experiment)
         self.ensemble: Combiner = ensemble
         self.select_by = select_by
         groups = configurations(self.store)
-        self.max_epochs, self._compacted, self._pruned = _budget(self.store, groups)
+        self.max_epochs, self._compacted, self._pruned = _budget(self.store, groups, self.tokens)
         self.seed_key = _seed_key(self.store, self.max_epochs)
         ens = [parse_transform(t).name for t in transforms]
-        self._transforms = list(dict.fromkeys([*TRIAL_TRANSFORMS, *ens]))
+        if self.tokens:
+            ens = [t for t in ens if not parse_transform(t).combines]
+        trial = TOKEN_TRANSFORMS if self.tokens else TRIAL_TRANSFORMS
+        self._trial_transforms = trial
+        self._transforms = list(dict.fromkeys([*trial, *ens]))
         self.curves: dict[str, Curves] = {}
         for group, (members, config) in groups.items():
-            curves = scan(self.store, group, members, config, self._transforms, ensemble)
+            curves = scan(
+                self.store, group, members, config, self._transforms, ensemble, self.metrics
+            )
             naive_ensembles(self.store, curves, select_by, ensemble)
             self.curves[group] = curves
         # Trials start a configuration at a time (as PostHocSearch launches them), in the
@@ -140,7 +158,7 @@ class Experiment:
             "time_total_s": float(epoch),
             "done": False,
         }
-        for t in TRIAL_TRANSFORMS:
+        for t in self._trial_transforms:
             result.update(self._single(t, trial_id).get(epoch, {}))
         return result
 
@@ -197,7 +215,7 @@ class Experiment:
     def _ensemble_values(self, metric: str | None) -> list[EnsembleValue]:
         """The scanned ensembles of every group and epoch (all members), when they hold
         ``metric`` (a replay scans nll and error)."""
-        if metric is None or parse_metric_key(metric)[2] not in _REPLAYED_METRICS:
+        if metric is None or parse_metric_key(metric)[2] not in self.metrics:
             return []
         return [
             EnsembleValue(group, epoch, t, self.ensemble, tuple(sorted(c.members)), scores)
@@ -230,12 +248,12 @@ class Experiment:
         if selection not in ("naive", "posthoc"):
             raise ValueError(f"selection must be 'naive' or 'posthoc', got {selection!r}")
         kept = [self._cut(c, replay) for c in self.curves.values()]
-        row = table_row([summarise(c, self._transforms, self.select_by) for c in kept], name)
+        summaries = [summarise(c, self._transforms, self.select_by, self.metrics) for c in kept]
+        row = table_row(summaries, name, self.metrics)
         return {
             "config": json.loads(row[f"{selection}/config"]),
             "epoch": row[f"{selection}/epoch"],
-            "test/nll": row[f"{selection}/test/nll"],
-            "test/error": row[f"{selection}/test/error"],
+            **{f"test/{m}": row[f"{selection}/test/{m}"] for m in self.metrics},
         }
 
     def _cut(self, curves: Curves, replay: Replay | None) -> Curves:
@@ -263,25 +281,27 @@ class Experiment:
         group = self.store.metadata(trial_id)["group"]
         return self.curves[group].single[transform][trial_id]
 
-    @staticmethod
-    def _check_metric(scheduler: TrialScheduler) -> None:
+    def _check_metric(self, scheduler: TrialScheduler) -> None:
         metric = getattr(scheduler, "metric", None)
         if metric is None or (isinstance(scheduler, PostHocASHA) and scheduler.is_group_metric):
             return
         _, transform, name = parse_metric_key(metric)
-        if transform.ens or name not in _REPLAYED_METRICS:
+        if transform.ens or name not in self.metrics:
             raise ValueError(
-                f"a replay feeds the {list(_REPLAYED_METRICS)} keys of the transforms a trial "
-                f"reports; {type(scheduler).__name__} asks for {metric!r}"
+                f"a replay feeds the {list(self.metrics)} keys of the transforms a trial "
+                f"reports (Experiment(metrics=...)); {type(scheduler).__name__} asks for "
+                f"{metric!r}"
             )
 
 
 def _budget(
-    store: PredictionStore, groups: Mapping[str, tuple[list[str], Any]]
+    store: PredictionStore, groups: Mapping[str, tuple[list[str], Any]], tokens: bool
 ) -> tuple[dict[str, int], str | None, str | None]:
-    """Each trial's stored epoch count, and what keeps the store from being a full-budget run
-    (None when nothing does): epochs removed by a compaction, trials stopped early."""
-    epochs = {m: store.epochs(m) for members, _ in groups.values() for m in members}
+    """Each trial's stored epoch count (of its token records for token metrics, else of its
+    logits), and what keeps the store from being a full-budget run (None when nothing does):
+    epochs removed by a compaction, trials stopped early."""
+    stored = store.token_epochs if tokens else store.epochs
+    epochs = {m: stored(m) for members, _ in groups.values() for m in members}
     last = max((e[-1] for e in epochs.values() if e), default=0)
     gaps = sorted(m for m, e in epochs.items() if e != list(range(1, len(e) + 1)))
     short = sorted(m for m, e in epochs.items() if m not in gaps and len(e) < last)
@@ -316,7 +336,8 @@ def compare(
     seed: int | None = None,
 ) -> pd.DataFrame:
     """Replay every strategy and select its final model: one row per strategy with the
-    selected configuration and epoch, test nll and error of ``transform``, and the compute
+    selected configuration and epoch, the test metrics of ``transform`` (nll and error, or
+    the experiment's ``metrics``), and the compute
     (epochs, and the fraction of the full budget). ``seed``: see :meth:`Experiment.replay`."""
     rows = []
     for name, strategy in strategies.items():

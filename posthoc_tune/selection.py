@@ -166,7 +166,7 @@ def selection_table(
     loss columns' selection). ``ratio`` is ``ratio/nll``; it is negative when naive selection
     made the transform worse than the base model.
     """
-    metrics = _table_metrics(metrics)
+    metrics = table_metrics(metrics)
     tokens = metrics[0] in TOKEN_METRICS
     if transforms is None:
         transforms = TOKEN_TRANSFORMS if tokens else TABLE_TRANSFORMS
@@ -274,7 +274,7 @@ class Summary:
     picks: dict[tuple[str, str, bool], _Pick]
 
 
-def _table_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
+def table_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
     """Validated table metrics: one family (class or token), no repeats."""
     if isinstance(metrics, str) or not metrics:
         raise ValueError(f"metrics must be a non-empty list of metric names, got {metrics!r}")

@@ -68,7 +68,11 @@ Face's convention."""
 _LOG_GRID = np.log(GRID)
 _STEP = math.log(2.0) / 4  # log-spacing of GRID
 _SQUARES = 4  # GRID[k + 4] == 2 GRID[k]: exp(2 b d) = exp(b d) ** 2, no new exp
-_CHUNK_ELEMENTS = 1 << 23  # logits per chunk of record computation (~32 MB of float32)
+_CHUNK_ELEMENTS = 1 << 18
+"""Logits per chunk of record computation on a CPU: each chunk is passed over ~90 times, and
+1 MB of float32 stays in cache (measured 3x faster than 32 MB chunks, ``benchmarks/RESULTS.md``).
+Accelerators take :data:`_DEVICE_CHUNK_ELEMENTS`: fewer, larger kernels."""
+_DEVICE_CHUNK_ELEMENTS = 1 << 24
 
 
 class TokenParts(NamedTuple):
@@ -86,12 +90,14 @@ def token_records(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The records (``(n, RECORD_WIDTH)`` float32, on the logits' device) of ``n`` scored
     positions: ``logits`` ``(n, vocab)`` and their ``targets`` ``(n,)``, all in range.
 
-    Runs in chunks of rows, so memory stays ~32 MB above the logits whatever the vocabulary.
+    Runs in chunks of rows (of at most ~64 MB on accelerators, 1 MB on CPUs, or one row), so
+    memory stays flat whatever the number of positions.
     """
     n, vocab = logits.shape
     out = torch.empty(n, RECORD_WIDTH, dtype=torch.float32, device=logits.device)
     grid = torch.as_tensor(GRID[:_SQUARES], dtype=torch.float32, device=logits.device)
-    rows = max(1, _CHUNK_ELEMENTS // max(vocab, 1))
+    elements = _CHUNK_ELEMENTS if logits.device.type == "cpu" else _DEVICE_CHUNK_ELEMENTS
+    rows = max(1, elements // max(vocab, 1))
     for start in range(0, n, rows):
         z = logits[start : start + rows].float()
         y = targets[start : start + rows]

@@ -16,9 +16,11 @@ followed it is not known. Our choices: the ranges searched (rank {8, 16, 32, 64}
 (QLoRA's 1,875 x 16 sequences are about three passes over the ~9.8k training conversations of
 ``timdettmers/openassistant-guanaco``). With so few epochs, consider calling
 ``PostHocReporter.step()`` several times per epoch (it counts each call as one "epoch"), so that
-post-hoc selection has more checkpoints to choose from. The reporter's SWA averages every
-parameter of the model it is given, frozen base weights included, so it holds a second full
-copy of the model in memory.
+post-hoc selection has more checkpoints to choose from. The reporter's SWA averages only the
+parameters that require gradients (the adapters) and shares the frozen base with the live
+model; give it ``tokens=`` loaders for perplexity (``posthoc_tune.tokens``) and
+``posthoc_tune.llm.MultipleChoice`` splits for MMLU. ``examples/llm_lora.py`` runs the whole
+setting offline on a tiny model and writes out this recipe.
 """
 
 from __future__ import annotations

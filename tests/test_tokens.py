@@ -347,3 +347,47 @@ def test_posthoc_asha_prunes_language_models_on_a_token_key(
         assert value <= min(curve.values()) + 1e-12
         if epoch in curve:
             assert value == pytest.approx(curve[epoch], rel=1e-9)
+
+
+def test_a_replay_feeds_and_selects_by_token_keys(tmp_path: Path) -> None:
+    from ray.tune.schedulers import ASHAScheduler
+
+    from posthoc_tune.replay import Experiment
+
+    store = PredictionStore.open(tmp_path / "exp")
+    reported: dict[str, list[dict[str, float]]] = {}
+    for i, (lr, seed) in enumerate([(2e-2, 0), (2e-2, 1), (4e-2, 0), (4e-2, 1)]):
+        model = _gpt2(seed).train()
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        reporter = PostHocReporter(
+            model,
+            {"lr": lr, "seed": seed},
+            tokens={"val": _batches(1), "test": _batches(2)},
+            store=store,
+            trial_id=f"t{i}",
+        )
+        reported[f"t{i}"] = []
+        for _ in range(3):
+            for batch in _batches(100 + seed, n=16):
+                opt.zero_grad()
+                model(**batch).loss.backward()
+                opt.step()
+            reported[f"t{i}"].append(reporter.step())
+    experiment = Experiment(store, transforms=(), metrics=TOKEN_TABLE_METRICS)
+    key = "val/swa+ts/perplexity"
+    for trial, results in reported.items():  # replayed results: rescored from the records
+        for epoch, result in enumerate(results, start=1):
+            assert experiment.result(trial, epoch)[key] == pytest.approx(result[key], rel=1e-9)
+    asha = ASHAScheduler(metric=key, mode="min", max_t=3, grace_period=1, reduction_factor=2)
+    replay = experiment.replay(asha, concurrency=2)
+    assert replay.compute < 12 and set(replay.epochs.values()) <= {1, 2, 3}
+    # The final model of the full budget: the table's post-hoc pick, by the same records.
+    chosen = experiment.select(None, "swa+ts")
+    table = selection_table(
+        store, metrics=TOKEN_TABLE_METRICS, over="configs+epochs", select_by="nll"
+    )
+    assert chosen["test/perplexity"] == pytest.approx(
+        table.loc["swa+ts", "posthoc/test/perplexity"]
+    )
+    with pytest.raises(ValueError, match="a replay feeds the"):
+        experiment.replay(ASHAScheduler(metric="val/swa+ts/nll", mode="min", max_t=3))
