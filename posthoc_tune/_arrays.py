@@ -16,6 +16,8 @@ def _cpu_tensor(x: object, name: str) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.detach().to("cpu")
     if isinstance(x, np.ndarray):
+        if not x.flags.writeable:  # e.g. from Ray's object store: torch would warn and share
+            x = np.array(x)
         try:
             return torch.from_numpy(np.ascontiguousarray(x))
         except TypeError:  # object, string, longdouble, ...: torch's message names no argument

@@ -221,7 +221,7 @@ class PostHocReporter:
             reporter then also reports ``{split}/{transform}/{token_nll, perplexity,
             token_error, token_ece, token_brier}`` for base, ts, swa and swa+ts, and
             ``token_temperature/{base,swa}``, computed batch by batch on the model's device,
-            and stores 44 numbers per token instead of the logits (rank 0 evaluates them).
+            and stores 60 numbers per token instead of the logits (rank 0 evaluates them).
         store: a :class:`PredictionStore`, an experiment path/URI (the logits go to its
             ``posthoc/`` folder, created on the first write), or None: inside Tune the
             experiment's own storage (``storage_path``/``storage_filesystem``), outside Tune

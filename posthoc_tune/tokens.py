@@ -4,10 +4,11 @@ A causal LM's val set of 200k tokens at a 32k vocabulary is 26 GB of float32 log
 and epoch: too much to store, gather or re-read. Temperature scaling and every token metric
 only need, per token, the log-partition function of the temperature-scaled logits as a
 function of the inverse temperature ``b = 1/T``. So each token is reduced, batch by batch on
-the model's device, to a compact *record* (:data:`RECORD_WIDTH` = 44 float32 numbers):
+the model's device, to a compact *record* (:data:`RECORD_WIDTH` = 60 float32 numbers):
 
 * ``g_k = logsumexp(b_k (z - max z))`` and ``h_k = dg/db = E_p[z - max z]`` (p the softmax at
-  ``b_k``) at the 21 log-spaced points ``b_k = 0.25 * 2**(k/4)`` of :data:`GRID` (0.25 to 8);
+  ``b_k``) at the 29 log-spaced points ``b_k = 0.125 * 2**(k/4)`` of :data:`GRID` (0.125 to
+  16);
 * ``z_y - max z`` (the target token's logit) and whether the argmax is the target.
 
 Between grid points ``g`` is rebuilt by cubic Hermite interpolation in ``log b`` (the
@@ -15,16 +16,16 @@ derivative there is ``b h``). Then, at ``b = 1/T``:
 
 * NLL = ``g(b) - b (z_y - max z)``; perplexity = exp(mean NLL);
 * top-label confidence = ``exp(-g(b))`` (ECE); the error does not depend on ``T``;
-* sum of squared probabilities = ``exp(g(2b) - 2 g(b))`` (Brier), hence ``T >= 0.25`` needs the
-  grid up to ``b = 8``.
+* sum of squared probabilities = ``exp(g(2b) - 2 g(b))`` (Brier), hence ``T >= 0.125`` needs
+  the grid up to ``b = 16``.
 
 The interpolant is linear in the records, so the mean NLL at any ``T`` comes from the column
-means alone: temperature scaling is a 1-D minimisation over those 43 numbers, fit within
-:data:`FIT_RANGE` (``0.25 <= T <= 4``). The grid's spacing was chosen by measuring the
-interpolation error on synthetic LM-like logits (V = 32k, Zipf-like tail): 16 points per
-[0.25, 4] kept mean NLL within ~3e-4 and T within ~1e-4 of the exact values; this grid is a
-little denser. Where ``test_tokens.py`` and ``benchmarks/RESULTS.md`` measure it against full
-logits.
+means alone: temperature scaling is a 1-D minimisation over those 59 numbers, fit within
+:data:`FIT_RANGE` (``0.125 <= T <= 8``: small or early models can need either end). The
+grid's spacing was chosen by measuring the interpolation error on synthetic LM-like logits
+(V = 32k, Zipf-like tail): 16 points over [0.25, 4] kept the mean NLL within ~3e-4 and T within
+~1e-4 of the exact values; this grid is a little denser. ``tests/test_tokens.py`` and
+``benchmarks/RESULTS.md`` measure it against full logits.
 
 Combining models (seed or checkpoint ensembles) is not a function of their records: the
 ensemble's logits are a mean over members inside the softmax. :func:`evaluate_ensemble`
@@ -48,14 +49,15 @@ from posthoc_tune.keys import SPLITS, TOKEN_METRICS, Transform, check_name, pars
 from posthoc_tune.metrics import binned_ece
 from posthoc_tune.transforms import evaluating
 
-GRID: np.ndarray = 0.25 * 2.0 ** (np.arange(21) / 4)
-"""Inverse temperatures ``b = 1/T`` of a record's statistics: 0.25 to 8, four per octave, so
-that ``2b`` is on the grid's range for every fitted ``b`` (Brier) and ``b = 1`` is a node (the
+GRID: np.ndarray = 0.125 * 2.0 ** (np.arange(29) / 4)
+"""Inverse temperatures ``b = 1/T`` of a record's statistics: 0.125 to 16, four per octave, so
+that ``2b`` is on the grid for every fitted ``b`` (Brier) and ``b = 1`` is a node (the
 untransformed model's metrics are exact up to float32)."""
 
-FIT_RANGE: tuple[float, float] = (0.25, 4.0)
-"""The temperatures token-level TS chooses among (``b`` in [0.25, 4]; a fit at either end
-warns). Fine-tuned LMs' fitted temperatures are usually between 0.7 and 2."""
+FIT_RANGE: tuple[float, float] = (0.125, 8.0)
+"""The temperatures token-level TS chooses among (``b`` in [0.125, 8]; a fit at either end
+warns). Fine-tuned LMs' fitted temperatures are usually between 0.7 and 2; small models early
+in training are far less or far more confident."""
 
 G = len(GRID)
 RECORD_WIDTH = 2 * G + 2
@@ -121,7 +123,9 @@ def _interpolate(values: np.ndarray, slopes: np.ndarray, b: float) -> np.ndarray
     """Cubic Hermite interpolation in ``log b`` of ``g`` (``values`` ``(..., G)``) with
     ``dg/db`` (``slopes``); exact at the grid points."""
     if not GRID[0] <= b <= GRID[-1]:
-        raise ValueError(f"inverse temperature {b!r} is outside the records' grid [0.25, 8]")
+        raise ValueError(
+            f"inverse temperature {b!r} is outside the records' grid [{GRID[0]}, {GRID[-1]}]"
+        )
     s = math.log(b)
     k = min(int((s - _LOG_GRID[0]) / _STEP), G - 2)
     t = (s - _LOG_GRID[k]) / _STEP

@@ -44,7 +44,7 @@ def test_records_have_the_documented_width_and_exact_untransformed_metrics(
     lm: tuple[torch.Tensor, torch.Tensor, np.ndarray],
 ) -> None:
     z, y, records = lm
-    assert records.shape == (3000, tok.RECORD_WIDTH) and tok.RECORD_WIDTH == 44
+    assert records.shape == (3000, tok.RECORD_WIDTH) and tok.RECORD_WIDTH == 60
     expected = metrics.evaluate(z.double(), y)
     got = tok.token_metrics(records, 1.0)
     for name in ("nll", "error", "ece", "brier"):
@@ -209,9 +209,9 @@ def test_reporter_reports_token_metrics_and_stores_records_not_logits(tmp_path: 
     assert last["token_temperature/base"] == pytest.approx(exact_t, abs=1e-3)
     # SWA of epochs 1-3: its own records, and its metrics are not the base model's.
     assert last["val/swa/token_nll"] != last["val/base/token_nll"]
-    # The store: 44 float32 numbers per token and variant, no logits.
+    # The store: 60 float32 numbers per token and variant, no logits.
     parts = store.read_tokens("t0", 3, "swa")
-    assert parts.records["val"].shape == (len(_full_logits(model, val)[1]), 44)
+    assert parts.records["val"].shape == (len(_full_logits(model, val)[1]), 60)
     assert parts.temperature == pytest.approx(last["token_temperature/swa"])
     assert store.token_epochs("t0") == [1, 2, 3] and store.epochs("t0") == []
     # Tables and the leaderboard rescore the stored records: the same values as reported.
@@ -284,7 +284,7 @@ def test_the_store_refuses_another_vocabulary_or_token_count(tmp_path: Path) -> 
         store.write_tokens("b", 1, {("val", "base"): records}, vocab_size=50)
     with pytest.raises(ValueError, match="9 scored val tokens, but the store records 10"):
         store.write_tokens("b", 1, {("val", "base"): records[:9]}, vocab_size=40)
-    with pytest.raises(ValueError, match=r"shape \(n_tokens, 44\)"):
+    with pytest.raises(ValueError, match=r"shape \(n_tokens, 60\)"):
         store.write_tokens("b", 1, {("val", "base"): records[:, :40]}, vocab_size=40)
 
 
