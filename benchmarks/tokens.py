@@ -137,8 +137,8 @@ def bench_reporter(z: torch.Tensor, y: torch.Tensor, epochs: int) -> None:
     ratio = rows[0][2] / rows[1][2]
     per_token = rows[0][2] / len(y)
     print(
-        f"\nrecords: {per_token:.0f} bytes per token ({per_token / 4:.0f} float32 numbers "
-        f"with the file's columns), {100 * ratio:.2f}% of the full-logit bytes"
+        f"\nrecords: {per_token:.0f} bytes per token on disk ({tok.RECORD_WIDTH} float32 "
+        f"numbers and the row's other columns), {100 * ratio:.2f}% of the full-logit bytes"
     )
 
 
