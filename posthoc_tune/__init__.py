@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from posthoc_tune import metrics
     from posthoc_tune.callback import PostHocCallback
     from posthoc_tune.ensemble import EnsembleEvaluator, ensemble_metrics, ensemble_table
+    from posthoc_tune.greedy import GreedyEnsemble, greedy_ensemble
     from posthoc_tune.groups import group_key, member_seed, with_seeds
     from posthoc_tune.keys import (
         METRICS,
@@ -56,6 +57,8 @@ _MODULES = {
     "EnsembleEvaluator": "ensemble",
     "ensemble_metrics": "ensemble",
     "ensemble_table": "ensemble",
+    "GreedyEnsemble": "greedy",
+    "greedy_ensemble": "greedy",
     "group_key": "groups",
     "member_seed": "groups",
     "with_seeds": "groups",
@@ -100,6 +103,7 @@ __all__ = [
     "TRIAL_TRANSFORMS",
     "VARIANTS",
     "EnsembleEvaluator",
+    "GreedyEnsemble",
     "PostHocASHA",
     "PostHocCallback",
     "PostHocReporter",
@@ -114,6 +118,7 @@ __all__ = [
     "ensemble_epoch_key",
     "ensemble_metrics",
     "ensemble_table",
+    "greedy_ensemble",
     "group_key",
     "leaderboard",
     "member_seed",

@@ -12,7 +12,14 @@ import sys
 from collections.abc import Sequence
 
 from posthoc_tune import __version__
-from posthoc_tune.keys import DATASETS, FORMATS, PLOT_TRANSFORMS, TABLE_TRANSFORMS, TRANSFORMS
+from posthoc_tune.keys import (
+    DATASETS,
+    FORMATS,
+    METRICS,
+    PLOT_TRANSFORMS,
+    TABLE_TRANSFORMS,
+    TRANSFORMS,
+)
 
 EXPERIMENT_HELP = "experiment folder or URI (Tune's storage_path/name)"
 ENSEMBLE_HELP = (
@@ -104,6 +111,12 @@ def _parser() -> argparse.ArgumentParser:
         "paper); nll: both by val nll (default: %(default)s)",
     )
     _transforms_option(table, TABLE_TRANSFORMS, f"rows, any of {', '.join(TRANSFORMS)}")
+    table.add_argument(
+        "--greedy",
+        action="store_true",
+        help="add a greedy-ensemble row (needs --over configs+epochs): forward selection over "
+        "every stored model, naive and post hoc",
+    )
     _output_options(table)
 
     board = commands.add_parser(
@@ -124,7 +137,40 @@ def _parser() -> argparse.ArgumentParser:
         default="min",
         help="whether lower or higher values of the metric are better (default: %(default)s)",
     )
+    board.add_argument(
+        "--greedy", action="store_true", help="add the greedy ensemble over every stored model"
+    )
     _output_options(board)
+
+    greedy = commands.add_parser(
+        "greedy",
+        help="greedy ensemble selection over every stored model (Caruana et al., 2004)",
+        description="Forward selection with replacement over every stored (trial, epoch, "
+        "variant) model of an experiment, on the val objective, then one temperature fit on "
+        "the ensemble: naive (each trial at its base-best epoch) and post hoc (any epoch). "
+        "Prints each flavour's val and test metrics and its members (trial, epoch, variant, "
+        "weight, temperature, configuration), enough to rebuild it.",
+    )
+    greedy.add_argument("experiment", help=EXPERIMENT_HELP)
+    greedy.add_argument(
+        "--objective",
+        choices=("nll", "error"),
+        default="nll",
+        help="val metric minimised (default: %(default)s)",
+    )
+    greedy.add_argument(
+        "--size", type=int, default=20, help="picks with replacement (default: %(default)s)"
+    )
+    greedy.add_argument(
+        "--pool", type=int, default=5, help="candidates per trial (default: %(default)s)"
+    )
+    greedy.add_argument(
+        "--max-candidates",
+        type=int,
+        default=1000,
+        help="candidates in all, at most (default: %(default)s)",
+    )
+    _format_options(greedy, "md or latex: each flavour's members and metrics")
 
     replay = commands.add_parser(
         "replay",
@@ -278,6 +324,7 @@ def _run(args: argparse.Namespace) -> int:
             over=args.over,
             select_by=args.select_by,
             ensemble=args.ensemble,
+            greedy=args.greedy,
         )
         view = selection_view(frame, configurations(store))
         write_frame(frame, args.format, args.out, readable=view)
@@ -287,9 +334,33 @@ def _run(args: argparse.Namespace) -> int:
         from posthoc_tune.selection import leaderboard, open_store, write_frame
 
         store = open_store(args.experiment)
-        frame = leaderboard(store, args.metric, args.mode, ensemble=args.ensemble)
+        frame = leaderboard(
+            store, args.metric, args.mode, ensemble=args.ensemble, greedy=args.greedy
+        )
         view = leaderboard_view(frame, configurations(store))
         write_frame(frame.set_index("rank"), args.format, args.out, readable=view)
+    elif args.command == "greedy":
+        import pandas as pd
+
+        from posthoc_tune.greedy import FLAVOURS, greedy_ensemble
+        from posthoc_tune.selection import write_frame
+
+        frames = []
+        for flavour in FLAVOURS:
+            result = greedy_ensemble(
+                args.experiment,
+                flavour=flavour,
+                objective=args.objective,
+                size=args.size,
+                pool=args.pool,
+                max_candidates=args.max_candidates,
+            )
+            scores = {f"{s}/{m}": result.value(s, m) for s in ("val", "test") for m in METRICS}
+            members = result.members.assign(flavour=flavour, **scores)
+            members.insert(0, "ensemble_temperature", result.temperature)
+            frames.append(members)
+        frame = pd.concat(frames, ignore_index=True).set_index(["flavour", "trial_id"])
+        write_frame(frame, args.format, args.out)
     elif args.command == "replay":
         from posthoc_tune.curves import configurations
         from posthoc_tune.display import replay_view

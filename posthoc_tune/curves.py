@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,16 +59,37 @@ class Curves:
     naive_ens: dict[tuple[str, str], Scores] = field(default_factory=dict)  # (transform, obj)
 
 
+def open_store(results_or_path: Any) -> PredictionStore:
+    """The prediction store of a ``tune.ResultGrid``, an experiment path/URI or a store; a
+    path that does not exist is an error (readers never create a store)."""
+    if isinstance(results_or_path, PredictionStore):
+        return results_or_path
+    if isinstance(results_or_path, (str, os.PathLike)):
+        return PredictionStore.open(results_or_path, must_exist=True)
+    path = getattr(results_or_path, "experiment_path", None)
+    if path is None:
+        kind = type(results_or_path).__name__
+        raise TypeError(f"expected a tune.ResultGrid or an experiment path, got {kind}")
+    filesystem = getattr(results_or_path, "filesystem", None)
+    return PredictionStore.open(path, filesystem=filesystem, must_exist=True)
+
+
 def configurations(store: PredictionStore) -> dict[str, tuple[list[str], dict[str, Any]]]:
     """The store's configurations: group key -> (member trial ids, config without the seed)."""
     groups: dict[str, tuple[list[str], dict[str, Any]]] = {}
     for trial_id in store.trials():
         meta = store.metadata(trial_id)
-        config = without_path(meta["config"], meta["seed_key"])
-        groups.setdefault(meta["group"], ([], config))[0].append(trial_id)
+        groups.setdefault(meta["group"], ([], trial_config(meta)))[0].append(trial_id)
     if not groups:
         raise ValueError(f"the store at {store.root!r} holds no trials")
     return groups
+
+
+def trial_config(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial's configuration without its seed (what its seed group shares), from its
+    stored metadata."""
+    config: dict[str, Any] = without_path(meta["config"], meta["seed_key"])
+    return config
 
 
 def scan(

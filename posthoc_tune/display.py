@@ -134,10 +134,17 @@ def selection_view(table: pd.DataFrame, configs: Configurations) -> list[pd.Data
     for metric in metrics:  # nll and error, or the token metrics of a token-level table
         for kind in ("naive", "posthoc"):
             view[f"{kind}/{metric}"] = rows[f"{kind}/test/{metric}"]
+    greedy = rows["transform"] == "greedy"  # members across configurations
     for kind in ("naive", "posthoc"):
         selected = rows[f"{kind}/epoch"].map(epoch_range)
         if len(configs) > 1:
-            selected = rows[f"{kind}/config"].map(labels) + " @ " + selected
+            selected = rows[f"{kind}/config"].map(labels).fillna("") + " @ " + selected
+        selected[greedy] = [
+            f"{len(e)} models, {len(json.loads(c))} configs"
+            for e, c in zip(
+                rows.loc[greedy, f"{kind}/epoch"], rows.loc[greedy, f"{kind}/config"], strict=True
+            )
+        ]
         view[f"{kind}/selected"] = selected
     if len(configs) == 1:
         return [view]
@@ -151,6 +158,7 @@ def leaderboard_view(board: pd.DataFrame, configs: Configurations) -> list[pd.Da
     count only where it varies, and the naive epochs left to the selection table (its
     ``naive/selected``)."""
     legend = config_legend(configs).reindex(board["group"]).reset_index(drop=True)
+    legend.loc[(board["group"] == "greedy").to_numpy(), "config"] = "greedy"  # not a config
     drop = {"rank", "group", "naive_epochs"} | (
         {"n_members"} if board["n_members"].nunique() == 1 else set()
     )

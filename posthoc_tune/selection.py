@@ -28,9 +28,12 @@ from posthoc_tune.curves import (
     members_best,
     naive_ensembles,
     objective_curve,
+    open_store,
     scan,
+    trial_config,
 )
 from posthoc_tune.display import render
+from posthoc_tune.greedy import OBJECTIVES, greedy_ensemble
 from posthoc_tune.groups import flatten_config
 from posthoc_tune.keys import (
     FORMATS,
@@ -53,6 +56,7 @@ def leaderboard(
     mode: str = "min",
     *,
     ensemble: Combiner = "logits",
+    greedy: bool = False,
 ) -> pd.DataFrame:
     """One row per configuration, ranked by its post-hoc objective, naive rank beside it.
 
@@ -62,6 +66,10 @@ def leaderboard(
             configuration's members, per-trial keys the mean over members.
         mode: ``"min"`` or ``"max"``.
         ensemble: ensemble combiner for group keys.
+        greedy: add a row ``group="greedy"``: the greedy ensemble over every stored model
+            (:func:`posthoc_tune.greedy_ensemble`, by the key's metric, nll or error), its
+            value on the key's split and metric, ``naive_value`` the naive flavour's. It
+            chose its members on val, so on a val key it is optimistic: compare on test.
 
     Columns: ``rank``, ``group``, ``config/<name>`` (the configuration without its seed),
     ``n_members``, ``epoch`` (the best epoch every member reached), ``metric`` (its value
@@ -91,6 +99,8 @@ def leaderboard(
                 "naive_epochs": [e for e, _ in naive],
             }
         )
+    if greedy:
+        rows.append(_greedy_board_row(store, objective))
     frame = pd.DataFrame(rows)
     ascending = mode == "min"
     frame["naive_rank"] = frame["naive_value"].rank(ascending=ascending, method="min")
@@ -98,21 +108,6 @@ def leaderboard(
     frame.insert(0, "rank", np.arange(1, len(frame) + 1))
     frame["naive_rank"] = frame["naive_rank"].astype("Int64")
     return frame
-
-
-def open_store(results_or_path: Any) -> PredictionStore:
-    """The prediction store of a ``tune.ResultGrid``, an experiment path/URI or a store; a
-    path that does not exist is an error (readers never create a store)."""
-    if isinstance(results_or_path, PredictionStore):
-        return results_or_path
-    if isinstance(results_or_path, (str, os.PathLike)):
-        return PredictionStore.open(results_or_path, must_exist=True)
-    path = getattr(results_or_path, "experiment_path", None)
-    if path is None:
-        kind = type(results_or_path).__name__
-        raise TypeError(f"expected a tune.ResultGrid or an experiment path, got {kind}")
-    filesystem = getattr(results_or_path, "filesystem", None)
-    return PredictionStore.open(path, filesystem=filesystem, must_exist=True)
 
 
 # -- naive vs post-hoc selection table ----------------------------------------------------------
@@ -126,6 +121,7 @@ def selection_table(
     ensemble: Combiner = "logits",
     progress: bool | None = None,
     metrics: Sequence[str] = DEFAULT_METRICS,
+    greedy: bool = False,
 ) -> pd.DataFrame:
     """Naive vs post-hoc selection for each transform, from the prediction store alone.
 
@@ -153,6 +149,10 @@ def selection_table(
             ``("token_nll", "perplexity", "token_error")``, single-model transforms only);
             the first is the loss whose selection the epoch, config and ratio columns
             describe.
+        greedy: add a ``greedy`` row (``over="configs+epochs"``, class metrics): greedy
+            ensemble selection over every stored model (:func:`posthoc_tune.greedy_ensemble`,
+            default arguments, by val nll), naive (each trial at its base-best epoch) and post
+            hoc (any epoch); its epoch columns list the members' epochs, one per vote.
 
     The scan streams: it holds one epoch of one configuration's members at a time, plus a
     few scalars per member and epoch, so memory does not grow with the number of trials.
@@ -168,6 +168,11 @@ def selection_table(
     """
     metrics = table_metrics(metrics)
     tokens = metrics[0] in TOKEN_METRICS
+    if greedy and (over != "configs+epochs" or tokens):
+        raise ValueError(
+            "greedy=True adds a row that picks models across configurations: it needs "
+            "over='configs+epochs' and class metrics"
+        )
     if transforms is None:
         transforms = TOKEN_TRANSFORMS if tokens else TABLE_TRANSFORMS
     names = [parse_transform(t).name for t in transforms]
@@ -204,8 +209,10 @@ def selection_table(
         }
         frame = pd.DataFrame.from_dict(blocks, orient="index")
         frame.index.names = ["config", "transform"]
+    if greedy:
+        frame.loc["greedy"] = pd.Series(_greedy_row(store, metrics))
     frame = _with_gains(frame, metrics)
-    keep = frame.index.get_level_values(-1).isin(names)
+    keep = frame.index.get_level_values(-1).isin([*names, "greedy"])
     frame = frame[keep]
     if frame.index.nlevels == 1:
         frame.index.name = "transform"
@@ -272,6 +279,42 @@ class Summary:
 
     config: dict[str, Any]
     picks: dict[tuple[str, str, bool], _Pick]
+
+
+def _greedy_board_row(store: PredictionStore, objective: Objective) -> dict[str, Any]:
+    if objective.metric not in OBJECTIVES or objective.mode != "min":
+        raise ValueError(
+            f"greedy=True selects by val {list(OBJECTIVES)} (minimised); the leaderboard "
+            f"ranks by {objective.key!r} ({objective.mode})"
+        )
+    posthoc = greedy_ensemble(store, objective=objective.metric)
+    naive = greedy_ensemble(store, flavour="naive", objective=objective.metric)
+    return {
+        "group": "greedy",
+        "n_members": len(posthoc.members),
+        "epoch": None,
+        objective.key: posthoc.value(objective.split, objective.metric),
+        "naive_value": naive.value(objective.split, objective.metric),
+        "naive_epochs": sorted(int(e) for e in naive.members["epoch"]),
+    }
+
+
+def _greedy_row(store: PredictionStore, metrics: Sequence[str]) -> dict[str, Any]:
+    """The selection table's ``greedy`` row: both flavours' test metrics, the members'
+    epochs and their configurations (a JSON list)."""
+    row: dict[str, Any] = {}
+    for kind in ("naive", "posthoc"):
+        ensemble = greedy_ensemble(store, flavour=kind)
+        for metric in metrics:
+            row[f"{kind}/test/{metric}"] = ensemble.value("test", metric)
+            row[f"{kind}/test/{metric}_std"] = math.nan
+        members = ensemble.members
+        row[f"{kind}/epoch"] = sorted(int(e) for e in members["epoch"])
+        configs = {
+            json.dumps(trial_config(store.metadata(t)), sort_keys=True) for t in members["trial_id"]
+        }
+        row[f"{kind}/config"] = json.dumps(sorted(configs))
+    return row
 
 
 def table_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
