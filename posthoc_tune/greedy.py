@@ -22,8 +22,11 @@ Two flavours, as the selection table compares them:
 * ``"naive"``: each trial only at its base-best epoch (the epoch naive selection keeps: lowest
   val NLL of the untransformed model), base variant.
 
-Memory holds the candidate pool's val logits (``max_candidates`` x N x C float32), never a
-trial's whole history: the pool is built in one streaming pass over the stored epochs.
+The pool is built in one streaming pass over the stored epochs (one read per epoch file), in a
+buffer of ``max_candidates`` val logits allocated once: memory is bounded by
+``max_candidates`` x N x C float32 (plus one trial's ``pool``), whatever the numbers of trials
+and epochs. Time grows with the stored models (each is read and scored once) plus ``size``
+selection steps over the pool.
 """
 
 from __future__ import annotations
@@ -127,32 +130,25 @@ def greedy_ensemble(
     labels = store_labels(store)
     trials = [m for members, _ in configurations(store).values() for m in members]
     if flavour == "naive":
-        found, skipped = _naive_pool(store, trials, labels["val"])
+        found = _naive_pool(store, trials, labels["val"], max_candidates)
     else:
-        found, skipped = _posthoc_pool(store, trials, labels["val"], objective, pool, wanted)
-    if not found:
+        found = _posthoc_pool(store, trials, labels["val"], objective, pool, wanted, max_candidates)
+    if not found.candidates:
         raise ValueError(
             f"no candidate to select from in {store.root!r}: no trial has finite val logits "
             f"of the variants {wanted}"
         )
-    found = sorted(found, key=lambda item: (item[0], item[1]))[:max_candidates]
-    candidates = [c for _, c, _ in found]
-    scaled = torch.stack([torch.from_numpy(z) for _, _, z in found])
-    picks, history = _select(scaled, torch.from_numpy(labels["val"]), objective, size)
+    candidates = found.candidates
+    picks, history = _select(
+        found.logits(), torch.from_numpy(labels["val"]), objective, size, found.ranks()
+    )
     counts = np.bincount(picks, minlength=len(candidates))
     chosen = [i for i in range(len(candidates)) if counts[i]]
     parts = _read_members(store, [candidates[i] for i in chosen])
     votes = [parts[k] for k, i in enumerate(chosen) for _ in range(counts[i])]
     scores = score("ens+ts", votes, labels)
     # The final temperature, to rebuild the model: ens+ts fits it on the same mean.
-    mean = combine(
-        [
-            p.logits["val"] / np.float32(t.temperature)
-            for p, t in zip(
-                votes, [candidates[i] for i in chosen for _ in range(counts[i])], strict=True
-            )
-        ]
-    )
+    mean = combine([p.logits["val"] / np.float32(p.temperature or 1.0) for p in votes])
     final = TemperatureScaler().fit(mean, labels["val"]).temperature_
     rows = [
         {
@@ -167,13 +163,64 @@ def greedy_ensemble(
     ]
     members = pd.DataFrame(rows).sort_values("weight", ascending=False, ignore_index=True)
     return GreedyEnsemble(
-        flavour, objective, members, final, scores, history, len(candidates), skipped
+        flavour, objective, members, final, scores, history, len(candidates), found.skipped
     )
 
 
 # -- candidate pools -------------------------------------------------------------------------------
 
-_Found = tuple[float, Candidate, np.ndarray]  # (own val objective, candidate, scaled val logits)
+
+class _Pool:
+    """The best ``capacity`` candidates seen so far by their own val objective, their scaled
+    val logits in one buffer allocated once: memory is ``capacity`` logits whatever the
+    number of trials and epochs scanned."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.skipped = 0
+        self._buffer: np.ndarray | None = None
+        self._heap: list[tuple[float, int, int, Candidate]] = []  # (-value, -seen, slot, c)
+        self._seen = 0
+
+    def offer(self, value: float, candidate: Candidate, scaled: np.ndarray) -> None:
+        self._seen += 1
+        item = (-value, -self._seen, len(self._heap), candidate)
+        if len(self._heap) < self.capacity:
+            if self._buffer is None:
+                self._buffer = np.empty((self.capacity, *scaled.shape), np.float32)
+            heapq.heappush(self._heap, item)
+        elif item[:2] > self._heap[0][:2]:  # better than the worst kept: take its slot
+            item = (*item[:2], self._heap[0][2], candidate)
+            heapq.heapreplace(self._heap, item)
+        else:
+            return
+        assert self._buffer is not None
+        self._buffer[item[2]] = scaled
+
+    @property
+    def candidates(self) -> list[Candidate]:
+        """The kept candidates, by slot."""
+        return [c for _, c, _ in self.items()]
+
+    def items(self) -> Iterator[tuple[float, Candidate, np.ndarray]]:
+        """(own objective, candidate, scaled val logits) of the kept candidates, by slot."""
+        for value, _, slot, candidate in sorted(self._heap, key=lambda item: item[2]):
+            assert self._buffer is not None
+            yield -value, candidate, self._buffer[slot]
+
+    def logits(self) -> torch.Tensor:
+        """The kept candidates' scaled val logits, by slot (no copy)."""
+        assert self._buffer is not None
+        return torch.from_numpy(self._buffer[: len(self._heap)])
+
+    def ranks(self) -> torch.Tensor:
+        """Each slot's rank by own objective (then candidate): ties in the selection go to
+        the better candidate on its own."""
+        by_slot = list(self.items())
+        order = sorted(range(len(by_slot)), key=lambda i: by_slot[i][:2])
+        ranks = torch.empty(len(order), dtype=torch.int64)
+        ranks[torch.tensor(order, dtype=torch.int64)] = torch.arange(len(order))
+        return ranks
 
 
 def _own_objective(scaled: np.ndarray, labels: np.ndarray, objective: str) -> float:
@@ -185,15 +232,14 @@ def _candidates(
     store: PredictionStore, trial_id: str, epochs: Sequence[int], variants: Sequence[str]
 ) -> Iterator[tuple[Candidate, np.ndarray]]:
     """A trial's stored val logits, scaled by their recorded temperature (fit here when none
-    was recorded), one epoch and variant at a time."""
+    was recorded), one epoch (one read) and variant at a time."""
     for epoch in epochs:
+        parts = store.read_split(trial_id, epoch, "val")
         for variant in variants:
-            try:
-                part = store.read_variant(trial_id, epoch, variant, splits=["val"])
-            except KeyError:  # no SWA logits before SWA starts
+            if variant not in parts:  # no SWA logits before SWA starts
                 continue
-            z = part.logits["val"]
-            temperature = part.temperature
+            z = parts[variant].logits["val"]
+            temperature = parts[variant].temperature
             if temperature is None:
                 temperature = TemperatureScaler().fit(z, store.labels("val")).temperature_
             yield Candidate(trial_id, epoch, variant, temperature), z / np.float32(temperature)
@@ -217,32 +263,27 @@ def _posthoc_pool(
     objective: str,
     pool: int,
     variants: Sequence[str],
-) -> tuple[list[_Found], int]:
-    found: list[_Found] = []
-    skipped = 0
+    max_candidates: int,
+) -> _Pool:
+    """Each trial's ``pool`` best candidates, of which the best ``max_candidates`` are kept."""
+    found = _Pool(min(max_candidates, pool * len(trials)))
     for trial_id in trials:
-        best: list[tuple[float, int, Candidate, np.ndarray]] = []  # a max-heap by -objective
-        for n, (candidate, z) in enumerate(
-            _candidates(store, trial_id, store.epochs(trial_id), variants)
-        ):
-            if not _checked(labels, candidate, z):
-                skipped += 1
-                continue
-            item = (-_own_objective(z, labels, objective), -n, candidate, z)
-            if len(best) < pool:
-                heapq.heappush(best, item)
-            elif item[:2] > best[0][:2]:
-                heapq.heapreplace(best, item)
-        found += [(-value, candidate, z) for value, _, candidate, z in best]
-    return found, skipped
+        best = _Pool(pool)
+        for candidate, z in _candidates(store, trial_id, store.epochs(trial_id), variants):
+            if _checked(labels, candidate, z):
+                best.offer(_own_objective(z, labels, objective), candidate, z)
+            else:
+                found.skipped += 1
+        for value, candidate, z in best.items():
+            found.offer(value, candidate, z)
+    return found
 
 
 def _naive_pool(
-    store: PredictionStore, trials: Sequence[str], labels: np.ndarray
-) -> tuple[list[_Found], int]:
+    store: PredictionStore, trials: Sequence[str], labels: np.ndarray, max_candidates: int
+) -> _Pool:
     """Each trial's base model at its base-best epoch (lowest raw val NLL, earliest on ties)."""
-    found: list[_Found] = []
-    skipped = 0
+    found = _Pool(min(max_candidates, len(trials)))
     for trial_id in trials:
         best: tuple[float, int] | None = None
         for epoch in store.epochs(trial_id):
@@ -250,25 +291,25 @@ def _naive_pool(
             if math.isfinite(value) and (best is None or value < best[0]):
                 best = (value, epoch)
         if best is None:
-            skipped += 1
+            found.skipped += 1
             continue
         (candidate, z) = next(_candidates(store, trial_id, [best[1]], ["base"]))
         if _checked(labels, candidate, z):
-            found.append((_own_objective(z, labels, "nll"), candidate, z))
+            found.offer(_own_objective(z, labels, "nll"), candidate, z)
         else:
-            skipped += 1
-    return found, skipped
+            found.skipped += 1
+    return found
 
 
 # -- selection -----------------------------------------------------------------------------------
 
 
 def _select(
-    scaled: torch.Tensor, labels: torch.Tensor, objective: str, size: int
+    scaled: torch.Tensor, labels: torch.Tensor, objective: str, size: int, ranks: torch.Tensor
 ) -> tuple[list[int], list[float]]:
     """Forward selection with replacement: ``size`` picks, each the candidate whose vote
     minimises the val objective of the mean of the votes; returns the best prefix's picks and
-    the objective after every pick. Ties go to the lower candidate index (deterministic)."""
+    the objective after every pick. Ties go to the lowest of ``ranks``."""
     total = torch.zeros(scaled.shape[1:], dtype=torch.float32)
     picks: list[int] = []
     history: list[float] = []
@@ -279,7 +320,8 @@ def _select(
                 for chunk in scaled.split(max(1, (1 << 24) // max(scaled[0].numel(), 1)))
             ]
         )
-        best = int(torch.argmin(values))
+        ties = torch.nonzero(values == values.min()).flatten()
+        best = int(ties[torch.argmin(ranks[ties])])
         picks.append(best)
         history.append(float(values[best]))
         total += scaled[best]

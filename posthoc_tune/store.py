@@ -325,6 +325,19 @@ class PredictionStore:
         logits = {split: arr for (split, _), arr in parts.items()}
         return VariantParts(logits, None if t is None else float(t))
 
+    def read_split(self, trial_id: str, epoch: int, split: str) -> dict[str, VariantParts]:
+        """Every variant's logits of one split of an epoch, with their recorded temperatures,
+        in one read (e.g. the val parts of the base and SWA model)."""
+        check_name("split", split, SPLITS)
+        parts, metadata = self._read_parts(trial_id, epoch, lambda key: key[0] == split)
+        recorded = json.loads(metadata.get(_TEMPERATURES, b"{}"))
+        return {
+            variant: VariantParts(
+                {split: z}, None if variant not in recorded else float(recorded[variant])
+            )
+            for (_, variant), z in parts.items()
+        }
+
     def read(self, trial_id: str, epoch: int, split: str, variant: str) -> np.ndarray:
         """One part's logits as a float32 (N, C) array; ``KeyError`` if absent."""
         check_name("split", split, SPLITS)
