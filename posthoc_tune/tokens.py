@@ -279,7 +279,8 @@ class TokenSplit:
     Each batch is a mapping with ``input_ids`` ``(batch, length)``, ``labels`` of the same
     shape (the Hugging Face convention: the inputs, with :data:`IGNORE_INDEX` at positions not
     to score, e.g. prompts and padding) and optionally ``attention_mask``. Position ``t``'s
-    logits predict ``labels[t + 1]``. The loader must yield the same batches every epoch.
+    logits predict ``labels[t + 1]``. The loader must yield the same batches every epoch. In
+    a multi-worker trial rank 0 evaluates it alone, so it must not be sharded.
     """
 
     def __init__(self, split: str, loader: Iterable[Any]) -> None:
@@ -288,6 +289,13 @@ class TokenSplit:
             raise TypeError(
                 f"the {split} tokens must be an iterable of batches (e.g. a DataLoader) with "
                 f"input_ids and labels, got {type(loader).__name__}"
+            )
+        sampler = getattr(loader, "sampler", None)
+        if isinstance(sampler, torch.utils.data.DistributedSampler) and sampler.num_replicas > 1:
+            raise ValueError(
+                f"the {split} tokens' loader is sharded by a DistributedSampler, but token "
+                f"splits are evaluated by rank 0 alone: pass a loader over every {split} "
+                f"sequence (no DistributedSampler)"
             )
         self.loader = loader
         self.vocab_size: int | None = None  # fixed by the first evaluation

@@ -276,6 +276,16 @@ def test_a_vocabulary_change_between_epochs_or_members_is_refused() -> None:
         tok.evaluate_ensemble(members, _batches(1), temperatures=[1.0, 1.0])
 
 
+def test_a_sharded_token_loader_is_refused() -> None:
+    dataset = torch.utils.data.TensorDataset(torch.zeros(8, 4, dtype=torch.long))
+    sampler: torch.utils.data.DistributedSampler[Any] = torch.utils.data.DistributedSampler(
+        dataset, num_replicas=2, rank=0
+    )
+    loader = torch.utils.data.DataLoader(dataset, sampler=sampler)
+    with pytest.raises(ValueError, match="evaluated by rank 0 alone"):
+        PostHocReporter(_gpt2(0), {"seed": 0}, tokens={"val": loader})
+
+
 def test_the_store_refuses_another_vocabulary_or_token_count(tmp_path: Path) -> None:
     store = PredictionStore.open(tmp_path / "exp")
     records = np.zeros((10, tok.RECORD_WIDTH), np.float32)
