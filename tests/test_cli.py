@@ -12,7 +12,7 @@ import pytest
 from posthoc_tune import PredictionStore, leaderboard, selection_table
 from posthoc_tune.cli import _parser, main
 
-COMMANDS = ("demo", "table", "leaderboard", "replay", "compact", "plot")
+COMMANDS = ("demo", "table", "leaderboard", "greedy", "replay", "compact", "plot")
 
 
 def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
