@@ -195,6 +195,12 @@ class _Pool:
         else:
             return
         assert self._buffer is not None
+        if scaled.shape != self._buffer.shape[1:]:
+            raise ValueError(
+                f"trial {candidate.trial_id!r} epoch {candidate.epoch} has val logits of shape "
+                f"{scaled.shape}, other candidates {self._buffer.shape[1:]}: all trials must "
+                f"predict the same classes on the same val rows"
+            )
         self._buffer[item[2]] = scaled
 
     @property

@@ -201,3 +201,18 @@ def test_the_table_leaderboard_and_command_show_both_flavours(
     out = capsys.readouterr().out
     assert out.startswith("flavour,trial_id,ensemble_temperature,epoch,variant,weight")
     assert out.count("\nposthoc,") == len(greedy_ensemble(store, size=3).members)
+
+
+def test_trials_with_other_classes_are_refused(tmp_path: Path) -> None:
+    first = PredictionStore.open(tmp_path / "exp")
+    first.write_labels("val", np.array([0, 1, 2]))
+    for trial in ("a", "b"):
+        first.write_metadata(trial, {"seed": int(trial == "b")})
+    first.write_epoch("a", 1, {("val", "base"): np.eye(3, dtype=np.float32)}, {"base": 1.0})
+    # A second writer that never saw the store's class count (as two trials racing to write
+    # their first epoch can): its logits have 4 classes.
+    other = PredictionStore.open(tmp_path / "exp")
+    other._n_classes = 4
+    other.write_epoch("b", 1, {("val", "base"): np.eye(3, 4, dtype=np.float32)}, {"base": 1.0})
+    with pytest.raises(ValueError, match="must predict the same classes"):
+        greedy_ensemble(first)
