@@ -165,7 +165,8 @@ def _scan_tokens(
     store: PredictionStore, curves: Curves, parsed: Sequence[Transform], metrics: Sequence[str]
 ) -> None:
     """Token metrics of single-model transforms from each member's stored token records, one
-    epoch and variant at a time (a single model's temperature is refit, as for logits)."""
+    epoch and variant at a time, at their recorded temperatures (a refit of the same float32
+    records by the same code would give the same temperature)."""
     variants = dict.fromkeys(t.variant for t in parsed)
     for m in curves.members:
         for epoch in store.token_epochs(m):
@@ -174,7 +175,6 @@ def _scan_tokens(
                     parts = store.read_tokens(m, epoch, variant)
                 except KeyError:  # no SWA records before SWA starts
                     continue
-                parts = tok.TokenParts(parts.records, None)
                 for t in (t for t in parsed if t.variant == variant):
                     scores = tok.score(t, parts, metrics=metrics)
                     curves.single[t.name][m].setdefault(epoch, {}).update(scores)

@@ -499,9 +499,10 @@ class PostHocReporter:
     def _extra_metrics(self, metrics: Mapping[str, Any] | None) -> dict[str, float]:
         if metrics is None:
             return {}
-        reserved = {"epoch", *metric_keys(), *token_metric_keys()} | {
-            f"{prefix}/{v}" for prefix in ("temperature", "token_temperature") for v in VARIANTS
-        }
+        reserved = {"epoch", *metric_keys(), *token_metric_keys()}
+        reserved |= {f"temperature/{v}" for v in VARIANTS} | set(
+            map(token_temperature_key, VARIANTS)
+        )
         clash = sorted(set(metrics) & reserved)
         if clash:
             raise ValueError(f"extra metrics {clash} clash with keys the reporter sets")
