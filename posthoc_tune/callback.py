@@ -9,6 +9,10 @@ callback writes each seed group's ensemble values into its members' results, whe
 experiment's prediction store and gives every component on a group key one evaluator on it,
 and it tells a searcher the schedulers given with it (so that groups they pruned are told as
 pruned). It meets its components only through :class:`~posthoc_tune._component.Component`.
+
+When a trial stops, the callback records in the store the epoch of the last result Tune
+processed from it: an epoch stored after that one (its result was on its way when the trial
+was stopped) is kept but left out of selection, as no ResultGrid shows it.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class PostHocCallback(Callback):
         self._grouped: list[Component] = []
         self._results: EnsembleResults | None = None
         self._found_store = False
+        self._processed_recorded: set[str] = set()
 
     def setup(
         self,
@@ -113,16 +118,41 @@ class PostHocCallback(Callback):
         if self._results is not None:
             self._results.on_result(trials, trial, result)
 
+    def on_trial_complete(
+        self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
+    ) -> None:
+        self._record_processed_epoch(trial)
+
     def on_trial_error(
         self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
     ) -> None:
         # Final failures only: a trial Tune retries gets on_trial_recover instead.
+        self._record_processed_epoch(trial)
         for scheduler in self.schedulers:
             scheduler.on_member_failed(trial)
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
+        # Trials that were running or paused when the run ended (a time budget, a stopper)
+        # were stopped without on_trial_complete.
+        for trial in trials:
+            if trial.trial_id not in self._processed_recorded:
+                self._record_processed_epoch(trial)
         if self._results is not None:
             self._results.finish(trials)
+
+    def _record_processed_epoch(self, trial: Trial) -> None:
+        """Record in the store the epoch of the trial's last processed result (the
+        reporter's ``epoch``), for a trial with a reporter."""
+        self._processed_recorded.add(trial.trial_id)
+        epoch = (trial.last_result or {}).get("epoch")
+        store = experiment_store(trial)
+        if epoch is None or store is None:
+            return
+        try:
+            store.metadata(trial.trial_id)
+        except KeyError:  # a trial without a reporter
+            return
+        store.write_processed_epoch(trial.trial_id, int(epoch))
 
     def get_state(self) -> dict[str, Any]:
         return {"schedulers": [s.get_state() for s in self.schedulers]}

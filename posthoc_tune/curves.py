@@ -123,6 +123,20 @@ def scan(
     return curves
 
 
+def processed_epochs(store: PredictionStore, trial_id: str, *, tokens: bool = False) -> list[int]:
+    """A trial's stored epochs (of token records with ``tokens``) that selection may pick:
+    those up to the last result Tune processed, where PostHocCallback recorded it.
+
+    A trial stopped while an epoch's result was on its way (a time budget or ``stop`` that
+    ended the run, a scheduler stopping it from another trial's result) stored that epoch,
+    but no ResultGrid shows it. The store keeps it; the tables, leaderboard, greedy
+    ensembles and replays leave it out, so they agree with the ResultGrid.
+    """
+    epochs = store.token_epochs(trial_id) if tokens else store.epochs(trial_id)
+    last = store.processed_epoch(trial_id)
+    return epochs if last is None else [e for e in epochs if e <= last]
+
+
 def _scan_logits(
     store: PredictionStore,
     curves: Curves,
@@ -134,7 +148,7 @@ def _scan_logits(
     members = curves.members
     depth = max((t.window for t in parsed if not t.ens), default=1)
     labels = store_labels(store)
-    epochs = {m: set(store.epochs(m)) for m in members}
+    epochs = {m: set(processed_epochs(store, m)) for m in members}
     history: dict[str, dict[int, dict[str, VariantParts]]] = {m: {} for m in members}
     for epoch in sorted(set().union(*epochs.values())):
         read = {m: variants(store, m, epoch) for m in members if epoch in epochs[m]}
@@ -169,7 +183,7 @@ def _scan_tokens(
     records by the same code would give the same temperature)."""
     variants = dict.fromkeys(t.variant for t in parsed)
     for m in curves.members:
-        for epoch in store.token_epochs(m):
+        for epoch in processed_epochs(store, m, tokens=True):
             for variant in variants:
                 try:
                     parts = store.read_tokens(m, epoch, variant)

@@ -42,7 +42,7 @@ import pandas as pd
 import torch
 
 from posthoc_tune import metrics
-from posthoc_tune.curves import configurations, open_store
+from posthoc_tune.curves import configurations, open_store, processed_epochs
 from posthoc_tune.groups import flatten_config
 from posthoc_tune.keys import VARIANTS, check_name
 from posthoc_tune.scoring import score, store_labels
@@ -275,7 +275,9 @@ def _posthoc_pool(
     found = _Pool(min(max_candidates, pool * len(trials)))
     for trial_id in trials:
         best = _Pool(pool)
-        for candidate, z in _candidates(store, trial_id, store.epochs(trial_id), variants):
+        for candidate, z in _candidates(
+            store, trial_id, processed_epochs(store, trial_id), variants
+        ):
             if _checked(labels, candidate, z):
                 best.offer(_own_objective(z, labels, objective), candidate, z)
             else:
@@ -292,7 +294,7 @@ def _naive_pool(
     found = _Pool(min(max_candidates, len(trials)))
     for trial_id in trials:
         best: tuple[float, int] | None = None
-        for epoch in store.epochs(trial_id):
+        for epoch in processed_epochs(store, trial_id):
             value = metrics.nll(store.read(trial_id, epoch, "val", "base"), labels)
             if math.isfinite(value) and (best is None or value < best[0]):
                 best = (value, epoch)

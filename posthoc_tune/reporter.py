@@ -332,6 +332,7 @@ class PostHocReporter:
         if self.store is not None and self.session.is_writer:
             if self.in_tune:
                 self.store.discard_partial_writes(self.trial_id)  # of a killed attempt
+                self.store.clear_processed_epoch(self.trial_id)  # of an earlier attempt
             stored = {k: v for k, v in config.items() if k != TRIAL_KEY}
             self.store.write_metadata(self.trial_id, stored, seed_key)
         if self._checkpoint is not None:

@@ -218,6 +218,39 @@ class PredictionStore:
         except (OSError, ValueError, TypeError) as err:
             raise _unreadable(f"the metadata of trial {trial_id!r}", path, err) from err
 
+    # -- the epochs Tune processed -----------------------------------------------------------
+
+    def write_processed_epoch(self, trial_id: str, epoch: int) -> None:
+        """Record the epoch of the last result Tune processed from a trial that stopped
+        (PostHocCallback, on the driver). Epochs stored after it were trained, but their
+        results never reached Tune, so no ResultGrid shows them: they stay in the store, and
+        selection leaves them out (:func:`posthoc_tune.curves.processed_epochs`)."""
+        _check_id(trial_id)
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        data = json.dumps({"epoch": int(epoch)}).encode()
+        self._publish(self._processed_path(trial_id), _write_bytes(data))
+
+    def processed_epoch(self, trial_id: str) -> int | None:
+        """The epoch :meth:`write_processed_epoch` recorded, None when none is (the trial
+        runs, or ran without PostHocCallback)."""
+        _check_id(trial_id)
+        path = self._processed_path(trial_id)
+        try:
+            with self.filesystem.open_input_stream(path) as f:
+                return int(json.loads(f.read())["epoch"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            raise _unreadable(f"the processed epoch of trial {trial_id!r}", path, err) from err
+
+    def clear_processed_epoch(self, trial_id: str) -> None:
+        """Forget the record: the reporter calls this when a trial (re)starts, as it may now
+        store, and Tune process, epochs past it."""
+        _check_id(trial_id)
+        with contextlib.suppress(FileNotFoundError):
+            self.filesystem.delete_file(self._processed_path(trial_id))
+
     # -- logits -----------------------------------------------------------------------------
 
     def write_epoch(
@@ -449,14 +482,15 @@ class PredictionStore:
                 self.filesystem.delete_file(self._epoch_path(trial_id, epoch))
 
     def delete_trial(self, trial_id: str) -> None:
-        """Delete a trial's logits, token records and metadata: it leaves the experiment's
-        tables."""
+        """Delete a trial's logits, token records, metadata and processed epoch: it leaves the
+        experiment's tables."""
         _check_id(trial_id)
         for kind in _COLUMN:
             with contextlib.suppress(FileNotFoundError):
                 self.filesystem.delete_dir(self._dir(trial_id, kind))
-        with contextlib.suppress(FileNotFoundError):
-            self.filesystem.delete_file(self._meta_path(trial_id))
+        for path in (self._meta_path(trial_id), self._processed_path(trial_id)):
+            with contextlib.suppress(FileNotFoundError):
+                self.filesystem.delete_file(path)
 
     def discard_partial_writes(self, trial_id: str) -> list[str]:
         """Delete the temporary files a killed writer of ``trial_id`` left; return their paths.
@@ -553,6 +587,9 @@ class PredictionStore:
 
     def _meta_path(self, trial_id: str) -> str:
         return posixpath.join(self.root, "meta", f"{trial_id}.json")
+
+    def _processed_path(self, trial_id: str) -> str:
+        return posixpath.join(self.root, "processed", f"{trial_id}.json")
 
     def _labels_path(self, split: str) -> str:
         return posixpath.join(self.root, "labels", f"{split}.parquet")

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from posthoc_tune import PredictionStore, StoreError, group_key
+from posthoc_tune.curves import processed_epochs
 from posthoc_tune.store import Dtype
 from tests import reference as ref
 
@@ -226,6 +227,31 @@ def test_an_epoch_file_written_by_another_tool_reads_the_same(store: PredictionS
         np.sort(store.read("foreign", 1, "val", "swa"), axis=0),
         np.sort(parts[("val", "swa")], axis=0),
     )
+
+
+def test_the_processed_epoch_bounds_the_epochs_selection_reads(store: PredictionStore) -> None:
+    rng = np.random.default_rng(2)
+    for epoch in (1, 2, 3):
+        store.write_epoch("trial_a", epoch, _epoch(rng))
+    store.write_metadata("trial_a", {"seed": 0})
+    assert store.processed_epoch("trial_a") is None
+    assert processed_epochs(store, "trial_a") == [1, 2, 3]  # no record: every stored epoch
+    store.write_processed_epoch("trial_a", 2)
+    assert store.processed_epoch("trial_a") == 2
+    assert json.loads((Path(store.root) / "processed" / "trial_a.json").read_text()) == {"epoch": 2}
+    assert store.epochs("trial_a") == [1, 2, 3]  # kept ...
+    assert processed_epochs(store, "trial_a") == [1, 2]  # ... and left out of selection
+    store.write_processed_epoch("trial_a", 0)  # failed before its first result
+    assert processed_epochs(store, "trial_a") == []
+    store.clear_processed_epoch("trial_a")
+    store.clear_processed_epoch("trial_a")  # nothing to clear: no error
+    assert processed_epochs(store, "trial_a") == [1, 2, 3]
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=f"epoch must be an int >= 0, got {bad}"):
+            store.write_processed_epoch("trial_a", bad)  # type: ignore[arg-type]
+    store.write_processed_epoch("trial_a", 3)
+    store.delete_trial("trial_a")
+    assert store.processed_epoch("trial_a") is None and store.trials() == []
 
 
 def test_metadata_of_a_seed_at_a_path_round_trips(store: PredictionStore) -> None:
