@@ -119,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> BestRun:
         grace_period=1,
         reduction_factor=2,
         seed_key=SEED_KEY,
+        run_ahead=None,  # the Trainer cannot resume the SWA average: never pause members
     )
     space = {"learning_rate": tune.grid_search(args.lrs), "num_train_epochs": args.epochs}
     best = trainer.hyperparameter_search(

@@ -99,7 +99,11 @@ def main(argv: Sequence[str] | None = None) -> tune.ResultGrid:
     args = parser.parse_args(argv)
 
     scheduler = pht.PostHocASHA(
-        max_t=args.epochs, grace_period=1, reduction_factor=2, seed_key=SEED_KEY
+        max_t=args.epochs,
+        grace_period=1,
+        reduction_factor=2,
+        seed_key=SEED_KEY,
+        run_ahead=None,  # results carry no Tune checkpoint to resume from: never pause
     )
     space = {"lr": tune.grid_search(args.lrs), "width": args.width, "epochs": args.epochs}
     tuner = tune.Tuner(

@@ -430,6 +430,9 @@ def main(argv: Sequence[str] | None = None) -> tune.ResultGrid:
         reduction_factor=2,
         seed_key=SEED_KEY,
         time_attr="epoch",  # the reporter's epoch, which a retry resumes from its checkpoint
+        # Epochs take a fraction of a second, less than a pause/resume (a new actor): seeds
+        # ahead of their group train on instead of pausing.
+        run_ahead=None,
     )
     space = {
         "lr": tune.grid_search(args.lrs),

@@ -4,17 +4,21 @@ PostHocASHA parses its metric key once and hands Tune's hooks to one :class:`Run
 
 * :class:`TrialPolicy` for a per-trial key (``val/swa+ts/nll``): each trial is an arm, judged
   on the value it reports exactly as Ray's ``AsyncHyperBandScheduler`` judges a metric;
-* :class:`GroupPolicy` for a group key (``val/swa+ens+ts/nll``): each seed group is an arm. A
-  member that reaches a rung keeps running; once every live member reached it (errored and
-  finished members are not waited for), the group's ensemble at one common epoch is
-  evaluated from the prediction store and a losing group is stopped as a whole. Ensemble
-  work happens only at rungs; every other result costs O(group size).
+* :class:`GroupPolicy` for a group key (``val/swa+ens+ts/nll``): each seed group is an arm.
+  Once every live member reached a rung (errored and finished members are not waited for),
+  the group's ensemble at one common epoch is evaluated from the prediction store and a
+  losing group is stopped as a whole. A member that runs ahead of a sibling past a rung its
+  group has not decided is paused (when its result carries a checkpoint to resume from), so
+  that no member trains on while its group waits to be judged; :meth:`GroupPolicy.choose`
+  starts the siblings of waiting members first and resumes members once their group passed.
+  Ensemble work happens only at rungs; every other result costs O(group size).
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,6 +26,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 from ray.tune.experiment import Trial
+from ray.tune.result import SHOULD_CHECKPOINT
 from ray.tune.schedulers import TrialScheduler
 
 from posthoc_tune._component import Ensembles, experiment_store
@@ -42,8 +47,9 @@ from posthoc_tune.store import PredictionStore
 
 RungValue = Literal["last", "best"]
 FINAL = "FINAL"
-STOP, CONTINUE = TrialScheduler.STOP, TrialScheduler.CONTINUE
+STOP, CONTINUE, PAUSE = TrialScheduler.STOP, TrialScheduler.CONTINUE, TrialScheduler.PAUSE
 _STOPPABLE = (Trial.RUNNING, Trial.PENDING, Trial.PAUSED)
+_WAITING = (Trial.RUNNING, Trial.PAUSED)  # a group with such members is being judged
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,7 @@ class Settings:
     n_brackets: int
     rung_value: RungValue
     stop_last_trials: bool
+    run_ahead: int | None  # results past an undecided rung before a pause; None: never
 
 
 class RungPolicy(ABC):
@@ -252,6 +259,7 @@ class GroupPolicy(RungPolicy):
         self.groups: dict[str, _RungGroup] = {}
         self.trial_arm: dict[str, str] = {}
         self.trials: dict[str, Trial] = {}  # re-attached as Tune (re-)adds them
+        self._warned_no_checkpoint = False
 
     def on_add(self, tc: Any, trial: Trial) -> None:
         member_seed(trial.config, self.seed_key)  # a clear error when the seed is missing
@@ -273,7 +281,38 @@ class GroupPolicy(RungPolicy):
             and self.settings.stop_last_trials
         ):
             return STOP
+        if self._held(arm, trial.trial_id):
+            if result.get(SHOULD_CHECKPOINT):
+                return PAUSE
+            self._warn_no_checkpoint(trial.trial_id, result)
         return CONTINUE
+
+    def choose(self, tc: Any) -> Trial | None:
+        """The trial Tune should start or resume next: a pending member of a group whose
+        other members are running or paused (the group waits for it), then a paused
+        member its group no longer holds, then Tune's order. Held members are never resumed:
+        the slowest live member of a group is never held, so the group always gets judged.
+        Paused members of a group stopped without the controller at hand are stopped here.
+        """
+        trials = tc.get_trials()
+        for trial in trials:
+            arm = self.trial_arm.get(trial.trial_id)
+            if trial.status == Trial.PAUSED and arm is not None and self.groups[arm].stopped:
+                tc.stop_trial(trial)
+        pending = [t for t in trials if t.status == Trial.PENDING]
+        judged = {
+            self.trial_arm[t.trial_id]
+            for t in trials
+            if t.status in _WAITING and t.trial_id in self.trial_arm
+        }
+
+        def held(trial: Trial) -> bool:
+            arm = self.trial_arm.get(trial.trial_id)
+            return arm is not None and self._held(arm, trial.trial_id)
+
+        resumable = (t for t in trials if t.status == Trial.PAUSED and not held(t))
+        siblings = (t for t in pending if self.trial_arm.get(t.trial_id) in judged)
+        return next(siblings, None) or next(resumable, None) or next(iter(pending), None)
 
     def on_complete(self, tc: Any, trial: Trial, result: Mapping[str, Any] | None) -> None:
         member = self._member(trial.trial_id)
@@ -310,6 +349,43 @@ class GroupPolicy(RungPolicy):
             self._decide(tc, self.trial_arm[trial.trial_id], current=None)
 
     # -- internals --------------------------------------------------------------------------
+
+    def _held(self, arm: str, trial_id: str) -> bool:
+        """Whether a member must wait: it reported ``run_ahead`` results past a rung below
+        ``max_t`` that its group has not decided, while a live sibling has not reached the
+        rung (or not reported since it started). The slowest live member is never held."""
+        run_ahead = self.settings.run_ahead
+        group = self.groups[arm]
+        member = group.members.get(trial_id)
+        if run_ahead is None or group.stopped or member is None or member.status != LIVE:
+            return False
+        crossed = group.crossed.get(trial_id, {})
+        behind = [m.time for t, m in group.members.items() if t != trial_id and m.status == LIVE]
+        bracket = self._bracket(arm)
+        return any(
+            rung in crossed
+            and member.epoch - crossed[rung] >= run_ahead
+            and milestone < self.settings.max_t
+            and arm not in bracket.recorded[rung]
+            and any(t is None or t < milestone for t in behind)
+            for rung, milestone in enumerate(bracket.milestones)
+        )
+
+    def _warn_no_checkpoint(self, trial_id: str, result: Mapping[str, Any]) -> None:
+        if self._warned_no_checkpoint:
+            return
+        self._warned_no_checkpoint = True
+        warnings.warn(
+            f"PostHocASHA: trial {trial_id} ran past a rung its group has not decided, ahead "
+            f"of a sibling ({self.settings.time_attr}={result[self.settings.time_attr]}), but "
+            f"its result carries no checkpoint, and pausing it would restart it from scratch: "
+            f"it keeps training while its group waits to be judged, and may train past the "
+            f"rung at which the group is cut. Report a checkpoint every epoch "
+            f"(PostHocReporter(checkpoint=...)) to have such members paused, or pass "
+            f"PostHocASHA(run_ahead=None) to let them run ahead without this warning",
+            UserWarning,
+            stacklevel=4,
+        )
 
     def _member(self, trial_id: str) -> Member | None:
         arm = self.trial_arm.get(trial_id)
@@ -366,9 +442,12 @@ class GroupPolicy(RungPolicy):
         group.stopped = True
         self.pruned.update(group.members)
         evaluator.discard(group.members)
+        # Paused and pending members stop now. A running one stops at its next result (it
+        # has reached the rung already), which Tune then processes: stopping it mid-epoch
+        # would leave a stored epoch that no result, and so no ResultGrid, shows.
         for trial_id in group.members:
             trial = self.trials.get(trial_id)
-            stoppable = trial is not None and trial.status in _STOPPABLE
+            stoppable = trial is not None and trial.status in (Trial.PENDING, Trial.PAUSED)
             if tc is not None and trial_id != current and stoppable:
                 tc.stop_trial(trial)
         return True

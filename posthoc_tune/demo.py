@@ -116,6 +116,9 @@ def run(
         max_t=epochs,
         grace_period=grace_period,
         reduction_factor=reduction_factor,
+        # A configuration's seeds train side by side (below) and never wait long for one
+        # another: no pausing, which would need a checkpoint every epoch.
+        run_ahead=None,
     )
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(train_mlp, data=data), {"cpu": cpus_per_trial}),

@@ -24,9 +24,17 @@ from typing import Any, Literal, cast
 import numpy as np
 import pandas as pd
 from ray.tune.experiment import Trial
+from ray.tune.result import SHOULD_CHECKPOINT
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
-from posthoc_tune.curves import DEFAULT_METRICS, Curves, configurations, naive_ensembles, scan
+from posthoc_tune.curves import (
+    DEFAULT_METRICS,
+    Curves,
+    configurations,
+    naive_ensembles,
+    processed_epochs,
+    scan,
+)
 from posthoc_tune.ensemble import EnsembleEvaluator, EnsembleValue
 from posthoc_tune.keys import (
     TOKEN_METRICS,
@@ -41,6 +49,7 @@ from posthoc_tune.store import PredictionStore
 from posthoc_tune.transforms import Combiner
 
 Selection = Literal["naive", "posthoc"]
+Shuffle = Literal["configs", "trials"]
 
 
 @dataclass
@@ -51,11 +60,13 @@ class Replay:
         epochs: trial id -> epochs it ran before it stopped (or its stored epochs).
         order: the (trial id, epoch) results in the order the scheduler saw them.
         scheduler: the scheduler object after the replay (e.g. its ``decisions``).
+        pauses: PAUSE decisions the scheduler made (each a pause/resume cycle in Tune).
     """
 
     epochs: dict[str, int]
     order: list[tuple[str, int]]
     scheduler: TrialScheduler | None
+    pauses: int = 0
 
     @property
     def compute(self) -> int:
@@ -150,13 +161,16 @@ class Experiment:
 
     def result(self, trial_id: str, epoch: int) -> dict[str, Any]:
         """The result Tune received from ``trial_id`` at ``epoch`` (flattened, as schedulers
-        see it; ``time_total_s`` is the simulated clock: one unit per epoch)."""
+        see it; ``time_total_s`` is the simulated clock: one unit per epoch). Every result
+        carries a checkpoint, as a reporter's with ``checkpoint=`` does: a trial paused at an
+        epoch resumes from the next one."""
         result: dict[str, Any] = {
             "trial_id": trial_id,
             "training_iteration": epoch,
             "epoch": epoch,
             "time_total_s": float(epoch),
             "done": False,
+            SHOULD_CHECKPOINT: True,
         }
         for t in self._trial_transforms:
             result.update(self._single(t, trial_id).get(epoch, {}))
@@ -169,13 +183,17 @@ class Experiment:
         concurrency: int | None = None,
         order: Sequence[tuple[str, int]] | None = None,
         seed: int | None = None,
+        shuffle: Shuffle = "configs",
     ) -> Replay:
         """Feed the stored results to ``scheduler`` (None: FIFO, everything runs).
 
         Args:
             scheduler: a fresh scheduler with its metric and mode set.
             concurrency: trials running at once (default: all). Each epoch takes one time
-                unit; results due at the same time arrive in the trials' start order.
+                unit; results due at the same time arrive in the order the trials started.
+                A freed slot goes to the trial the scheduler's ``choose_trial_to_run``
+                returns (Tune's FIFO: the first pending trial in start order); a PAUSE
+                frees the trial's slot until it is chosen again.
             order: instead of the clock, the exact (trial id, epoch) sequence to feed, e.g.
                 as a live run's scheduler saw it; a trial's results after its STOP are
                 skipped.
@@ -183,6 +201,10 @@ class Experiment:
                 of the order Tune created them in. A grid's order is arbitrary, and ASHA is
                 sensitive to it (arms that arrive after better ones are cut, before them
                 kept): average strategies over several seeds.
+            shuffle: what ``seed`` shuffles: ``"configs"`` keeps a configuration's seeds
+                consecutive (as ``PostHocSearch`` and a grid with the seed key first create
+                them); ``"trials"`` shuffles every trial, as Tune starts pending trials when
+                it hands reused actors to them in an arbitrary order.
         """
         self._check_replayable(clock=order is None)
         if scheduler is None:
@@ -196,6 +218,8 @@ class Experiment:
             )
         if concurrency is not None and (isinstance(concurrency, bool) or concurrency < 1):
             raise ValueError(f"concurrency must be an int >= 1, got {concurrency!r}")
+        if shuffle not in ("configs", "trials"):
+            raise ValueError(f"shuffle must be 'configs' or 'trials', got {shuffle!r}")
         if isinstance(scheduler, PostHocASHA):
             # Evaluate as in a live run, but leave the stored experiment as it is, and take
             # the ensembles this experiment already scored instead of scoring them again.
@@ -205,12 +229,12 @@ class Experiment:
             if scheduler.ensemble == self.ensemble:
                 evaluator.remember(self._ensemble_values(scheduler.metric))
             scheduler.attach_evaluator(evaluator)
-        cluster = _Cluster(self, scheduler, self._start_order(seed))
+        cluster = _Cluster(self, scheduler, self._start_order(seed, shuffle))
         if order is None:
             cluster.run_clock(concurrency or len(self.trials))
         else:
             cluster.run_order(order)
-        return Replay(cluster.epochs, cluster.order, scheduler)
+        return Replay(cluster.epochs, cluster.order, scheduler, cluster.pauses)
 
     def _ensemble_values(self, metric: str | None) -> list[EnsembleValue]:
         """The scanned ensembles of every group and epoch (all members), when they hold
@@ -224,11 +248,18 @@ class Experiment:
             for epoch, scores in by_epoch.items()
         ]
 
-    def _start_order(self, seed: int | None) -> list[str]:
+    def group(self, trial_id: str) -> str:
+        """The group key (configuration) of a trial."""
+        return str(self.store.metadata(trial_id)["group"])
+
+    def _start_order(self, seed: int | None, shuffle: Shuffle) -> list[str]:
         if seed is None:
             return self.trials
-        groups = list(dict.fromkeys(self.store.metadata(m)["group"] for m in self.trials))
-        shuffled = [groups[i] for i in np.random.default_rng(seed).permutation(len(groups))]
+        rng = np.random.default_rng(seed)
+        if shuffle == "trials":
+            return [self.trials[i] for i in rng.permutation(len(self.trials))]
+        groups = list(dict.fromkeys(self.group(m) for m in self.trials))
+        shuffled = [groups[i] for i in rng.permutation(len(groups))]
         return [m for g in shuffled for m in self.curves[g].members]
 
     def select(
@@ -278,8 +309,7 @@ class Experiment:
         return cut
 
     def _single(self, transform: str, trial_id: str) -> dict[int, dict[str, float]]:
-        group = self.store.metadata(trial_id)["group"]
-        return self.curves[group].single[transform][trial_id]
+        return self.curves[self.group(trial_id)].single[transform][trial_id]
 
     def _check_metric(self, scheduler: TrialScheduler) -> None:
         metric = getattr(scheduler, "metric", None)
@@ -300,8 +330,11 @@ def _budget(
     """Each trial's stored epoch count (of its token records for token metrics, else of its
     logits), and what keeps the store from being a full-budget run (None when nothing does):
     epochs removed by a compaction, trials stopped early."""
-    stored = store.token_epochs if tokens else store.epochs
-    epochs = {m: stored(m) for members, _ in groups.values() for m in members}
+    epochs = {
+        m: processed_epochs(store, m, tokens=tokens)
+        for members, _ in groups.values()
+        for m in members
+    }
     last = max((e[-1] for e in epochs.values() if e), default=0)
     gaps = sorted(m for m, e in epochs.items() if e != list(range(1, len(e) + 1)))
     short = sorted(m for m, e in epochs.items() if m not in gaps and len(e) < last)
@@ -417,6 +450,7 @@ class _Cluster:
         self._stopping: set[str] = set()
         self.epochs: dict[str, int] = {m: 0 for m in experiment.trials}
         self.order: list[tuple[str, int]] = []
+        self.pauses = 0
         with _quiet():
             for trial in self._trials.values():
                 scheduler.on_trial_add(self._controller, trial)
@@ -445,20 +479,19 @@ class _Cluster:
     # -- driving ----------------------------------------------------------------------------
 
     def run_clock(self, concurrency: int) -> None:
-        pending = iter(self._trials)
         running: list[_Event] = []
         started = 0
 
         def fill(now: int) -> None:
             nonlocal started
             while len(running) < concurrency:
-                trial_id = next(pending, None)
-                if trial_id is None:
+                with _quiet():
+                    trial = self._scheduler.choose_trial_to_run(self._controller)
+                if trial is None:
                     return
-                if self._trials[trial_id].status != Trial.PENDING:
-                    continue  # stopped with its group before it started
-                self._trials[trial_id].set_status(Trial.RUNNING)
-                heapq.heappush(running, _Event(now + 1, started, trial_id, 1))
+                trial.set_status(Trial.RUNNING)
+                epoch = self.epochs[trial.trial_id] + 1
+                heapq.heappush(running, _Event(now + 1, started, trial.trial_id, epoch))
                 started += 1
 
         fill(0)
@@ -473,6 +506,14 @@ class _Cluster:
             running = [e for e in running if self._trials[e.trial_id].status == Trial.RUNNING]
             heapq.heapify(running)
             fill(event.time)
+        left = [
+            t.trial_id for t in self._trials.values() if t.status in (Trial.PENDING, Trial.PAUSED)
+        ]
+        if left:
+            raise RuntimeError(
+                f"{type(self._scheduler).__name__} left trials {left[:5]} pending or paused "
+                f"with no trial running and never chose them: Tune would wait forever"
+            )
 
     def run_order(self, order: Sequence[tuple[str, int]]) -> None:
         unknown = sorted({t for t, _ in order} - set(self._trials))
@@ -480,7 +521,7 @@ class _Cluster:
             raise ValueError(f"order names trials the experiment does not hold: {unknown[:5]}")
         for trial_id, epoch in order:
             trial = self._trials[trial_id]
-            if trial.status == Trial.PENDING:
+            if trial.status in (Trial.PENDING, Trial.PAUSED):
                 trial.set_status(Trial.RUNNING)
             if trial.status != Trial.RUNNING:
                 continue
@@ -502,6 +543,10 @@ class _Cluster:
         self._last[trial_id] = result
         if decision == TrialScheduler.STOP:
             self.stop_trial(trial)
+            return False
+        if decision == TrialScheduler.PAUSE:
+            trial.set_status(Trial.PAUSED)
+            self.pauses += 1
             return False
         if epoch >= self._experiment.max_epochs[trial_id]:
             # The function returned: Tune sends the last result again, marked done.

@@ -6,7 +6,9 @@ that become best after SWA, ensembling and TS. PostHocASHA prunes on the metric 
 * a per-trial key (``val/swa+ts/nll``) is judged exactly as Ray's ``AsyncHyperBandScheduler``
   judges a reported metric, trial by trial;
 * a group key (``val/swa+ens+ts/nll``) makes each seed group one arm, judged at each rung on
-  its ensemble from the prediction store and stopped as a whole when it loses.
+  its ensemble from the prediction store and stopped as a whole when it loses. Members that
+  reach a rung before their siblings are paused there, and the siblings of waiting members
+  start first, so that a group's members do not train on while it waits to be judged.
 
 The scheduler validates its arguments, parses the metric key once both it and the mode are
 known (either may come from ``TuneConfig``) and hands Tune's hooks to the matching policy
@@ -73,6 +75,15 @@ class PostHocASHA(FIFOScheduler):
         seed_key: the config key (or "a/b" path) that separates the members of one group.
         ensemble: ensemble combiner for group keys: ``"logits"`` (the paper) or ``"probs"``.
         stop_last_trials: stop trials at ``max_t`` (as in Ray).
+        run_ahead: group keys: how many results a member may report past a rung its group
+            has not decided while a sibling has not reached it, before it is paused there
+            (Tune's PAUSE) until the group is judged. ``0``: pause at the rung, so that a cut
+            group's members stop exactly at it; ``1`` (default): one more epoch, so that
+            members within an epoch of each other never pause, and a cut group's members
+            train at most one epoch past its rung; ``None``: never pause (members run ahead
+            until the slowest reaches the rung). A member is paused only on a result that
+            carries a checkpoint (``PostHocReporter(checkpoint=...)``): Tune restarts a
+            function trainable without one from scratch, so it runs ahead, with a warning.
         store: where group keys read members' predictions: a :class:`PredictionStore`, an
             experiment path or URI, or None for the experiment's own storage (found from the
             trials). Per-trial keys never read the store.
@@ -91,6 +102,7 @@ class PostHocASHA(FIFOScheduler):
         seed_key: str = "seed",
         ensemble: Combiner = "logits",
         stop_last_trials: bool = True,
+        run_ahead: int | None = 1,
         store: PredictionStore | str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__()
@@ -113,10 +125,21 @@ class PostHocASHA(FIFOScheduler):
             raise ValueError(f"ensemble must be 'logits' or 'probs', got {ensemble!r}")
         if not isinstance(stop_last_trials, bool):
             raise TypeError(f"stop_last_trials must be a bool, got {stop_last_trials!r}")
+        if run_ahead is not None and (
+            isinstance(run_ahead, bool) or not isinstance(run_ahead, int) or run_ahead < 0
+        ):
+            raise ValueError(f"run_ahead must be an int >= 0 or None, got {run_ahead!r}")
         self._metric = metric
         self._mode = mode
         self._settings = Settings(
-            time_attr, max_t, grace_period, reduction_factor, brackets, rung_value, stop_last_trials
+            time_attr,
+            max_t,
+            grace_period,
+            reduction_factor,
+            brackets,
+            rung_value,
+            stop_last_trials,
+            run_ahead,
         )
         self.seed_key = seed_key
         self.ensemble: Combiner = ensemble
@@ -245,6 +268,21 @@ class PostHocASHA(FIFOScheduler):
 
     def on_trial_remove(self, tune_controller: Any, trial: Trial) -> None:
         self._ready().on_remove(tune_controller, trial)
+
+    def choose_trial_to_run(self, tune_controller: Any) -> Trial | None:
+        """Group keys: pending siblings of groups being judged first, then paused members
+        their group passed, then Tune's order; members held at a rung are never resumed.
+        Per-trial keys: Tune's order.
+
+        Tune starts the trial returned here first. With a grid (``BasicVariantGenerator``)
+        Tune also requests resources for every pending trial at once, in the order it created
+        them, and a freed slot goes to the oldest request unless an actor is reused; so name
+        the seed key to sort first in grids (``with_seeds(..., key="_seed")``) to create a
+        configuration's seeds consecutively.
+        """
+        if isinstance(self._policy, GroupPolicy):
+            return self._policy.choose(tune_controller)
+        return super().choose_trial_to_run(tune_controller)
 
     def debug_string(self) -> str:
         if self._policy is None:

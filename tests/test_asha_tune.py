@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
@@ -307,7 +309,11 @@ def test_rung_records_survive_tuner_restore(
     tuner = tune.Tuner(
         trainable,
         param_space=_space([0.3, 0.003]),  # the good configuration runs first
-        tune_config=tune.TuneConfig(scheduler=scheduler, reuse_actors=False, time_budget_s=180),
+        # One configuration at a time: members paused at a rung stay live trials, so the
+        # bad configuration cannot start in their slots before the crash.
+        tune_config=tune.TuneConfig(
+            scheduler=scheduler, reuse_actors=False, time_budget_s=180, max_concurrent_trials=SEEDS
+        ),
         run_config=tune.RunConfig(
             name="exp",
             storage_path=str(tmp_path / "ray"),
@@ -342,3 +348,140 @@ def test_rung_records_survive_tuner_restore(
     first = table[(table["group"] == bad) & (table["key"] == GROUP_KEY)]
     assert list(first["epoch"]) == [1]
     assert not np.isnan(first["value"].iloc[0])
+
+
+# -- scarce trial slots: a group's members do not train on unjudged -------------------------------
+
+
+class _Starts(tune.Callback):
+    """Counts trial starts: first starts and resumes after a pause."""
+
+    def __init__(self) -> None:
+        self.starts = 0
+
+    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.starts += 1
+
+
+def _scattered(config: dict[str, Any]) -> None:
+    """Members that start whenever Tune gives them a slot (no waiting for siblings)."""
+    ref.teacher_trial(
+        config,
+        epochs=8,
+        rows=(300, 120, 100),
+        seed_key=SEED_KEY,
+        checkpoint=True,
+        before_report=lambda epoch: time.sleep(0.05),
+    )
+
+
+def test_no_member_of_a_cut_group_trains_more_than_one_epoch_past_its_rung(
+    run_tune: Any,
+) -> None:
+    # 4 slots for groups of 3 seeds, actors handed to pending trials in an arbitrary order:
+    # a group's members start apart, and those ahead would train on while it waits.
+    scheduler = PostHocASHA(
+        metric=GROUP_KEY, mode="min", max_t=8, grace_period=1, reduction_factor=2, seed_key=SEED_KEY
+    )
+    starts = _Starts()
+    results = run_tune(
+        tune.with_resources(_scattered, {"cpu": 0.5}),
+        _space([0.3, 0.003, 0.1, 0.01]),
+        tune_config={"scheduler": scheduler},
+        run_config={"callbacks": [scheduler.callback, starts]},
+    )
+    assert len(results) == 12 and not results.errors
+    store = PredictionStore.open(results.experiment_path)
+    decisions = scheduler.decisions
+    cut = decisions[decisions["decision"] == "STOP"].set_index("arm")["milestone"].to_dict()
+    assert cut  # some group lost
+    for r in results:
+        trial_id, last = r.metrics["trial_id"], r.metrics["epoch"]
+        stored = store.epochs(trial_id)
+        # Every epoch a member trained reached Tune: its results end where its logits do.
+        assert stored == list(range(1, last + 1)) and store.processed_epoch(trial_id) == last
+        group = pht.group_key(r.config, SEED_KEY)
+        assert last <= cut[group] + 1 if group in cut else last == 8
+    assert starts.starts > len(results)  # members ahead of their group were paused
+
+
+# -- epochs stored but never processed by Tune ----------------------------------------------------
+
+
+def _late_result(config: dict[str, Any]) -> None:
+    """``slow`` stores epoch 3, then its result takes long to reach Tune; ``fast`` waits until
+    that epoch is stored, then reports the result on which the run ends (_EndRun)."""
+    d = ref.linear_teacher(
+        ref.TEACHER_IN, ref.TEACHER_CLASSES, {"": 100, "_val": 60, "_test": 50}, noise=2.0
+    )
+    torch.manual_seed(config[SEED_KEY])
+    model = ref.bn_mlp(ref.TEACHER_IN, ref.TEACHER_CLASSES)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    reporter = PostHocReporter(
+        model,
+        config,
+        val=(d["x_val"], d["y_val"]),
+        test=(d["x_test"], d["y_test"]),
+        seed_key=SEED_KEY,
+        report=False,
+    )
+    store = reporter.store
+    assert store is not None
+    for epoch in range(1, 6):
+        ref.full_batch_step(model, opt, d["x"], d["y"])
+        result = reporter.step({"fast": float(config["role"] == "fast")})
+        if config["role"] == "slow" and epoch == 3:
+            time.sleep(120)  # cut short when the run ends
+        if config["role"] == "fast" and epoch == 2:
+            deadline = time.monotonic() + 60
+            while not any(
+                3 in store.epochs(t)
+                for t in store.trials()
+                if store.metadata(t)["config"]["role"] == "slow"
+            ):
+                assert time.monotonic() < deadline, "the slow trial never stored epoch 3"
+                time.sleep(0.05)
+        tune.report(result)
+
+
+class _EndRun(tune.Stopper):
+    """Ends the run at the fast trial's second epoch."""
+
+    def __init__(self) -> None:
+        self.end = False
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        self.end = self.end or (result.get("fast") == 1.0 and result["epoch"] >= 2)
+        return False
+
+    def stop_all(self) -> bool:
+        return self.end
+
+
+def test_an_epoch_stored_but_never_processed_is_kept_and_left_out_of_selection(
+    run_tune: Any,
+) -> None:
+    scheduler = PostHocASHA(metric="val/swa+ts/nll", mode="min", max_t=5, seed_key=SEED_KEY)
+    results = run_tune(
+        _late_result,
+        {"role": tune.grid_search(["slow", "fast"]), SEED_KEY: 0},
+        tune_config={"scheduler": scheduler},
+        run_config={"callbacks": [scheduler.callback], "stop": _EndRun()},
+    )
+    assert not results.errors
+    last = {r.config["role"]: r.metrics for r in results}
+    slow = last["slow"]["trial_id"]
+    store = PredictionStore.open(results.experiment_path)
+    assert last["slow"]["epoch"] == 2  # the ResultGrid never saw epoch 3 ...
+    assert store.epochs(slow) == [1, 2, 3]  # ... which the store keeps,
+    assert store.processed_epoch(slow) == 2  # marked as past the last processed result
+
+    # The tables select from what the ResultGrid shows. The slow trial's SWA+TS val loss
+    # still improves at epoch 3, so post-hoc selection picks it once the record is gone.
+    def picked() -> Any:  # the epochs of the selected model, one per member
+        table = pht.selection_table(store, over="epochs", transforms=["swa+ts"])
+        return table.loc[(json.dumps({"role": "slow"}), "swa+ts"), "posthoc/epoch"]
+
+    assert picked() == [2]
+    store.clear_processed_epoch(slow)
+    assert picked() == [3]

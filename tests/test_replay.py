@@ -13,7 +13,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from posthoc_tune import PostHocASHA, PredictionStore, selection_table
 from posthoc_tune.cli import main
-from posthoc_tune.replay import Experiment, Strategy, compare, default_strategies
+from posthoc_tune.replay import Experiment, Replay, Strategy, compare, default_strategies
 from posthoc_tune.retention import compact
 from tests import reference as ref
 from tests import test_asha_tune as live
@@ -132,9 +132,68 @@ def test_a_replay_leaves_the_stored_experiment_as_it_was(experiment: Experiment)
     assert sorted(p.name for p in Path(experiment.store.root).rglob("*")) == before
 
 
+def test_shuffling_trials_starts_every_trial_once_in_a_random_order(
+    experiment: Experiment,
+) -> None:
+    def started(seed: int) -> list[str]:
+        replay = experiment.replay(None, concurrency=2, seed=seed, shuffle="trials")
+        return [trial for trial, epoch in replay.order if epoch == 1]
+
+    orders = [started(seed) for seed in range(8)]
+    assert all(sorted(o) == sorted(experiment.trials) for o in orders)
+    # Unlike shuffle="configs", a configuration's seeds are not always started side by side.
+    assert any(o[i][0] != o[i + 1][0] for o in orders for i in range(0, len(o), SEEDS))
+
+
+@pytest.mark.parametrize("run_ahead", [0, 1])
+def test_members_of_a_cut_group_train_at_most_run_ahead_epochs_past_its_rung(
+    experiment: Experiment, run_ahead: int
+) -> None:
+    def scheduler(run_ahead: int | None) -> PostHocASHA:
+        return PostHocASHA(
+            metric="val/swa+ens+ts/nll",
+            mode="min",
+            max_t=EPOCHS,
+            reduction_factor=2,
+            run_ahead=run_ahead,
+        )
+
+    def past_cut_rung(replay: Replay) -> dict[str, int]:
+        assert isinstance(replay.scheduler, PostHocASHA)
+        d = replay.scheduler.decisions
+        cut = d[d["decision"] == "STOP"].set_index("arm")["milestone"].to_dict()
+        return {
+            t: replay.epochs[t] - int(cut[g])
+            for t in experiment.trials
+            if (g := experiment.group(t)) in cut
+        }
+
+    free_past = paused = 0
+    for concurrency in (2, 3):
+        for seed in range(6):
+            kwargs: dict[str, Any] = {"concurrency": concurrency, "seed": seed}
+            free = experiment.replay(scheduler(None), shuffle="trials", **kwargs)
+            held = experiment.replay(scheduler(run_ahead), shuffle="trials", **kwargs)
+            for replay in (free, held):
+                # A paused trial resumes where it stopped: each trial ran 1, 2, ... in order.
+                for trial in experiment.trials:
+                    ran = [e for t, e in replay.order if t == trial]
+                    assert ran == list(range(1, replay.epochs[trial] + 1))
+                assert isinstance(replay.scheduler, PostHocASHA)
+                assert set(replay.scheduler.decisions["n_members"]) == {SEEDS}
+            past = past_cut_rung(held)
+            assert set(past.values()) <= set(range(run_ahead + 1))
+            assert all(held.epochs[t] == EPOCHS for t in experiment.trials if t not in past)
+            free_past += sum(past_cut_rung(free).values())
+            paused += held.pauses
+    assert free_past > 0 and paused > 0  # the setting is one where members do run ahead
+
+
 def test_bad_arguments(experiment: Experiment) -> None:
     with pytest.raises(ValueError, match="concurrency must be an int >= 1, got 0"):
         experiment.replay(None, concurrency=0)
+    with pytest.raises(ValueError, match="shuffle must be 'configs' or 'trials', got 'seeds'"):
+        experiment.replay(None, seed=0, shuffle="seeds")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"order names trials .*\['zz'\]"):
         experiment.replay(None, order=[("zz", 1)])
     with pytest.raises(ValueError, match="order feeds trial a0 epoch 2 after epoch 0"):

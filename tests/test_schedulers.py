@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +207,10 @@ class _Controller:
     def __init__(self, scheduler: PostHocASHA) -> None:
         self.scheduler = scheduler
         self.stopped: list[str] = []
+        self.trials: list[Trial] = []
+
+    def get_trials(self) -> list[Trial]:
+        return self.trials
 
     def stop_trial(self, trial: Trial) -> None:
         self.stopped.append(trial.trial_id)
@@ -245,17 +250,24 @@ def _result(epoch: int) -> dict[str, Any]:
 
 
 def _scheduled(
-    store: PredictionStore, *configs: str
+    store: PredictionStore, *configs: str, run_ahead: int | None = None
 ) -> tuple[PostHocASHA, _Controller, list[list[Trial]]]:
     """PostHocASHA on the group key over ``store`` (rungs 1, 3, 9), with the 3 seeds
-    of each configuration added as running trials."""
+    of each configuration added as running trials (members run ahead unless ``run_ahead``
+    is set)."""
     scheduler = PostHocASHA(
-        metric="val/swa+ens+ts/nll", mode="min", max_t=9, reduction_factor=3, store=store
+        metric="val/swa+ens+ts/nll",
+        mode="min",
+        max_t=9,
+        reduction_factor=3,
+        store=store,
+        run_ahead=run_ahead,
     )
     scheduler.callback.setup()
     tc = _Controller(scheduler)
     groups = [[_member(config, s) for s in range(3)] for config in configs]
-    for trial in (t for group in groups for t in group):
+    tc.trials = [t for group in groups for t in group]
+    for trial in tc.trials:
         scheduler.on_trial_add(tc, trial)
     return scheduler, tc, groups
 
@@ -280,12 +292,13 @@ def test_a_group_is_judged_once_per_rung_when_all_live_members_reach_it(
     )[0]
     assert rung1["value"] == pytest.approx(ref.nll(expected, group_store.labels("val")), rel=1e-3)
 
-    # The bad configuration loses at rung 1 as a whole: its last member's result is STOP and
-    # its two running siblings are stopped through the controller.
+    # The bad configuration loses at rung 1 as a whole: its last member's result is STOP, and
+    # its two running siblings get STOP at their next result (which Tune then processes).
     for trial in bad[:2]:
         assert scheduler.on_trial_result(tc, trial, _result(1)) == "CONTINUE"
     assert scheduler.on_trial_result(tc, bad[2], _result(1)) == "STOP"
-    assert sorted(tc.stopped) == ["bad_0", "bad_1"]
+    assert tc.stopped == []
+    assert [scheduler.on_trial_result(tc, t, _result(2)) for t in bad[:2]] == ["STOP"] * 2
     assert list(scheduler.decisions["decision"]) == ["CONTINUE", "STOP"]
 
     # good_1 fails: rung 3 is judged on the two others, once, however many results follow.
@@ -336,6 +349,121 @@ def test_a_retried_member_is_waited_for_and_one_failed_for_good_is_left_out(
     assert not scheduler.pruned_trials
 
 
+def _checkpointed(epoch: int) -> dict[str, Any]:
+    """A result that carries a checkpoint, as Tune flags one (``should_checkpoint``)."""
+    return {**_result(epoch), "should_checkpoint": True}
+
+
+def _report(scheduler: PostHocASHA, tc: _Controller, trial: Trial, epoch: int) -> str:
+    """One result, and the status Tune gives the trial for the decision."""
+    decision = scheduler.on_trial_result(tc, trial, _checkpointed(epoch))
+    if decision == "PAUSE":
+        trial.status = Trial.PAUSED
+    elif decision == "STOP":
+        trial.status = Trial.TERMINATED
+        scheduler.on_trial_complete(tc, trial, _checkpointed(epoch))
+    return decision
+
+
+def _resume(scheduler: PostHocASHA, tc: _Controller) -> Trial | None:
+    """Tune starting the trial the scheduler chooses."""
+    trial = scheduler.choose_trial_to_run(tc)
+    if trial is not None:
+        trial.status = Trial.RUNNING
+    return trial
+
+
+def test_members_ahead_of_their_group_wait_paused_at_the_rung_until_it_is_judged(
+    group_store: PredictionStore,
+) -> None:
+    scheduler, tc, (good, bad) = _scheduled(group_store, "good", "bad", run_ahead=0)
+    # Rung 1: the first two members to reach it pause there; nothing may resume them while
+    # good_2, the slowest, has not reached it.
+    assert [_report(scheduler, tc, t, 1) for t in good[:2]] == ["PAUSE", "PAUSE"]
+    assert scheduler.choose_trial_to_run(tc) is None and scheduler.decisions.empty
+    assert _report(scheduler, tc, good[2], 1) == "CONTINUE"  # the last one completes the rung
+    assert list(scheduler.decisions["n_members"]) == [3]
+    assert [_resume(scheduler, tc) for _ in range(3)] == [good[0], good[1], None]
+
+    # Between rungs nobody waits; at rung 3 the two ahead pause again.
+    assert [_report(scheduler, tc, t, 2) for t in good[1:]] == ["CONTINUE"] * 2
+    assert [_report(scheduler, tc, t, 3) for t in good[1:]] == ["PAUSE"] * 2
+    assert scheduler.choose_trial_to_run(tc) is None
+    assert _report(scheduler, tc, good[0], 2) == "CONTINUE"
+    assert _report(scheduler, tc, good[0], 3) == "CONTINUE"
+    assert list(scheduler.decisions["milestone"]) == [1, 3]
+    assert {_resume(scheduler, tc), _resume(scheduler, tc)} == {good[1], good[2]}
+
+    # The bad configuration loses at rung 1: its paused members stop at once, at the rung.
+    assert [_report(scheduler, tc, t, 1) for t in bad] == ["PAUSE", "PAUSE", "STOP"]
+    assert tc.stopped == ["bad_0", "bad_1"]
+    assert all(t.status == Trial.TERMINATED for t in bad)
+    assert scheduler.pruned_trials == {"bad_0", "bad_1", "bad_2"}
+
+
+def test_run_ahead_lets_a_member_train_that_many_epochs_past_an_undecided_rung(
+    group_store: PredictionStore,
+) -> None:
+    scheduler, tc, (good,) = _scheduled(group_store, "good", run_ahead=1)
+    # In step, within an epoch of each other: nobody pauses.
+    assert [_report(scheduler, tc, t, 1) for t in good] == ["CONTINUE"] * 3
+    assert list(scheduler.decisions["n_members"]) == [3]
+    # good_0 and good_1 reach rung 3 while good_2 is still at epoch 1: one epoch later, at
+    # epoch 4, they pause; good_2 completes the rung and they resume.
+    for epoch in (2, 3):
+        assert [_report(scheduler, tc, t, epoch) for t in good[:2]] == ["CONTINUE"] * 2
+    assert [_report(scheduler, tc, t, 4) for t in good[:2]] == ["PAUSE"] * 2
+    assert scheduler.choose_trial_to_run(tc) is None
+    assert [_report(scheduler, tc, good[2], e) for e in (2, 3)] == ["CONTINUE"] * 2
+    rung3 = scheduler.decisions.iloc[-1]
+    assert (rung3["milestone"], rung3["epoch"]) == (3, 3)
+    assert {_resume(scheduler, tc), _resume(scheduler, tc)} == {good[0], good[1]}
+
+
+def test_siblings_of_a_group_being_judged_start_first_also_after_a_restore(
+    group_store: PredictionStore,
+) -> None:
+    scheduler, tc, (good, bad) = _scheduled(group_store, "good", "bad", run_ahead=0)
+    for trial in tc.trials:
+        trial.status = Trial.PENDING
+    tc.trials = [*bad[:1], *good, *bad[1:]]  # Tune's order: bad_0 was created first
+    assert scheduler.choose_trial_to_run(tc) is bad[0]  # no group is being judged yet
+    good[0].status = Trial.RUNNING
+    assert scheduler.choose_trial_to_run(tc) is good[1]
+    assert _report(scheduler, tc, good[0], 1) == "PAUSE"  # good_1 and good_2 are behind
+    assert scheduler.choose_trial_to_run(tc) is good[1]  # its siblings still come first
+
+    # Tune never saves schedulers: a restored one gets its state from the callback, and
+    # Tune re-adds the unfinished trials as pending.
+    restored = PostHocASHA(
+        metric="val/swa+ens+ts/nll", mode="min", max_t=9, reduction_factor=3, store=group_store
+    )
+    restored.set_state(scheduler.get_state())
+    tc2 = _Controller(restored)
+    tc2.trials = tc.trials
+    for trial in tc2.trials:
+        trial.status = Trial.PENDING
+        restored.on_trial_add(tc2, trial)
+    bad[2].status = Trial.RUNNING
+    assert restored.choose_trial_to_run(tc2) is bad[0]  # the sibling, not Tune's next (good_0)
+
+
+def test_a_member_without_a_checkpoint_runs_ahead_with_one_warning(
+    group_store: PredictionStore,
+) -> None:
+    scheduler, tc, (good,) = _scheduled(group_store, "good", run_ahead=0)
+    with pytest.warns(
+        UserWarning, match="good_0 ran past a rung its group has not decided.*carries no checkpoint"
+    ):
+        assert scheduler.on_trial_result(tc, good[0], _result(1)) == "CONTINUE"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert scheduler.on_trial_result(tc, good[1], _result(1)) == "CONTINUE"
+    for bad in (-1, 0.5, True):
+        with pytest.raises(ValueError, match=f"run_ahead must be an int >= 0 or None, got {bad}"):
+            PostHocASHA(run_ahead=bad)  # type: ignore[arg-type]
+
+
 def test_a_seed_key_path_groups_members_by_the_rest_of_their_config(
     group_store: PredictionStore,
 ) -> None:
@@ -347,6 +475,7 @@ def test_a_seed_key_path_groups_members_by_the_rest_of_their_config(
         reduction_factor=3,
         seed_key="train_loop_config/seed",
         store=group_store,
+        run_ahead=None,
     )
     scheduler.callback.setup()
     tc = _Controller(scheduler)
@@ -361,7 +490,8 @@ def test_a_seed_key_path_groups_members_by_the_rest_of_their_config(
         trial.status = Trial.RUNNING
         scheduler.on_trial_add(tc, trial)
     actions = [scheduler.on_trial_result(tc, t, _result(1)) for t in groups["good"] + groups["bad"]]
-    assert actions == ["CONTINUE"] * 5 + ["STOP"] and sorted(tc.stopped) == ["bad_0", "bad_1"]
+    assert actions == ["CONTINUE"] * 5 + ["STOP"]
+    assert sorted(scheduler.pruned_trials) == ["bad_0", "bad_1", "bad_2"]
     arms = [
         hashlib.sha256(json.dumps({"train_loop_config": {"c": c}}).encode()).hexdigest()[:16]
         for c in ("good", "bad")
