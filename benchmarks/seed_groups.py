@@ -43,6 +43,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 import posthoc_tune as pht
 from posthoc_tune.datasets import NoisyDataset, load
+from posthoc_tune.demo import mlp
 from posthoc_tune.replay import Experiment
 
 METRIC = "val/swa+ens+ts/nll"
@@ -62,14 +63,7 @@ def train(config: dict[str, Any], data: NoisyDataset) -> None:
     a resumed trial trains exactly as an uninterrupted one."""
     torch.set_num_threads(1)
     torch.manual_seed(config["_seed"])
-    width = config["width"]
-    model = torch.nn.Sequential(
-        torch.nn.Linear(data.x_train.shape[1], width),
-        torch.nn.ReLU(),
-        torch.nn.Linear(width, width),
-        torch.nn.ReLU(),
-        torch.nn.Linear(width, data.n_classes),
-    )
+    model = mlp(data.x_train.shape[1], config["width"], data.n_classes)
     opt = torch.optim.SGD(
         model.parameters(), lr=config["lr"], momentum=0.9, weight_decay=config["weight_decay"]
     )
