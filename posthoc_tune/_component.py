@@ -20,6 +20,7 @@ from posthoc_tune.store import PredictionStore
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
 
+    from posthoc_tune.groups import Status
     from posthoc_tune.keys import Objective
     from posthoc_tune.transforms import Combiner
 
@@ -70,17 +71,51 @@ class StatefulComponent(Component, Protocol):
     def set_state(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`get_state`."""
 
+    @property
+    def seeds(self) -> tuple[int, ...] | None:
+        """The seed schedule: members a group needs at each rung (None: none)."""
+
+    def seeds_wanted(self, trial_id: str) -> int | None:
+        """Members the seed group of ``trial_id`` should have now (None: no schedule)."""
+
+    def member_status(self, trial_id: str) -> Status | None:
+        """A member's status as the scheduler knows it (None: unknown)."""
+
 
 @dataclass(frozen=True)
 class Context:
     """What a callback tells each of its components: all of them."""
 
     components: tuple[Component, ...]
+    schedulers: tuple[StatefulComponent, ...] = ()  # those of the components
 
     def pruned(self, trial_ids: Iterable[str]) -> bool:
         """Whether a component stopped one of ``trial_ids`` early."""
         ids = set(trial_ids)
         return any(not ids.isdisjoint(c.pruned_trials) for c in self.components)
+
+    @property
+    def seeds(self) -> tuple[int, ...] | None:
+        """The schedulers' seed schedule, None without one (one per experiment)."""
+        schedules = {c.seeds for c in self.schedulers}
+        schedules.discard(None)
+        if len(schedules) > 1:
+            raise ValueError(
+                f"PostHocCallback's schedulers have different seed schedules: {schedules}"
+            )
+        return schedules.pop() if schedules else None
+
+    def seeds_wanted(self, trial_id: str) -> int | None:
+        """Members the seed group of ``trial_id`` should have now under the seed schedule
+        (the most any scheduler asks for); None without one."""
+        wanted = [n for c in self.schedulers if (n := c.seeds_wanted(trial_id)) is not None]
+        return max(wanted, default=None)
+
+    def member_status(self, trial_id: str) -> Status | None:
+        """A member's status as a scheduler knows it (None: no scheduler knows the trial)."""
+        return next(
+            (s for c in self.schedulers if (s := c.member_status(trial_id)) is not None), None
+        )
 
 
 def on_group_key(component: Component) -> bool:

@@ -64,6 +64,7 @@ class Settings:
     rung_value: RungValue
     stop_last_trials: bool
     run_ahead: int | None  # results past an undecided rung before a pause; None: never
+    seeds: tuple[int, ...] | None  # members a group needs at each rung; None: all it has
 
 
 class RungPolicy(ABC):
@@ -367,9 +368,44 @@ class GroupPolicy(RungPolicy):
             and member.epoch - crossed[rung] >= run_ahead
             and milestone < self.settings.max_t
             and arm not in bracket.recorded[rung]
-            and any(t is None or t < milestone for t in behind)
+            and (
+                any(t is None or t < milestone for t in behind)
+                or len(group.members) < self._required(rung)  # seeds yet to join
+            )
             for rung, milestone in enumerate(bracket.milestones)
         )
+
+    def _required(self, rung: int) -> int:
+        """The members a group must have to be judged at ``rung`` (0 without a seed
+        schedule: whatever joined)."""
+        seeds = self.settings.seeds
+        return 0 if seeds is None else seeds[min(rung, len(seeds) - 1)]
+
+    def seeds_wanted(self, trial_id: str) -> int | None:
+        """How many members the group of ``trial_id`` should have now: what its next rung
+        needs under the seed schedule, or once it passed every rung below ``max_t`` the
+        schedule's next entry (what it has once it is stopped or judged at ``max_t``); None
+        without a schedule or for a trial this policy does not know."""
+        arm = self.trial_arm.get(trial_id)
+        if self.settings.seeds is None or arm is None:
+            return None
+        group = self.groups[arm]
+        bracket = self._bracket(arm)
+        if group.stopped or (
+            arm in bracket.recorded[-1] and bracket.milestones[-1] >= self.settings.max_t
+        ):
+            return len(group.members)  # cut, or judged at max_t: no seed would be judged
+        # The next rung to judge; past the last one (below max_t), the stretch to max_t,
+        # which a group that passed every rung trains with the schedule's next entry.
+        rung = next(
+            (i for i, r in enumerate(bracket.recorded) if arm not in r), len(bracket.milestones)
+        )
+        return max(len(group.members), self._required(rung))
+
+    def member_status(self, trial_id: str) -> Status | None:
+        """A member's status as this policy knows it (None for an unknown trial)."""
+        member = self._member(trial_id)
+        return None if member is None else member.status
 
     def _warn_no_checkpoint(self, trial_id: str, result: Mapping[str, Any]) -> None:
         if self._warned_no_checkpoint:
@@ -421,6 +457,8 @@ class GroupPolicy(RungPolicy):
         rung = bracket.next_rung(arm, t)
         if rung is None:
             return False
+        if len(group.members) < self._required(rung):
+            return False  # seeds asked for at the last rung have not joined yet
         crossed = {
             trial_id: group.crossed[trial_id][rung]
             for trial_id in group.ids(LIVE, DONE)

@@ -60,7 +60,12 @@ class PostHocCallback(Callback):
     ) -> None:
         # Metrics are known now: they may come from TuneConfig, set on the components before
         # callbacks are set up.
-        context = Context(self.components)
+        context = Context(self.components, tuple(self.schedulers))
+        if context.seeds is not None and len(self.schedulers) == len(self.components):
+            raise ValueError(
+                f"PostHocASHA(seeds={context.seeds}) grows seed groups, which only a searcher "
+                f"can do: pass PostHocSearch to the same PostHocCallback(scheduler, searcher)"
+            )
         for component in self.components:
             component.attach(context)
         self._grouped = [c for c in self.components if on_group_key(c)]

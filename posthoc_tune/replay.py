@@ -138,7 +138,11 @@ class Experiment:
         self.trials = [
             m for g in sorted(self.curves, key=first.__getitem__) for m in self.curves[g].members
         ]
-        self.configs = {m: self.store.metadata(m)["config"] for m in self.trials}
+        meta = {m: self.store.metadata(m) for m in self.trials}
+        self.configs = {m: meta[m]["config"] for m in self.trials}
+        self._group = {m: str(meta[m]["group"]) for m in self.trials}
+        self._seed = {m: meta[m]["seed"] for m in self.trials}
+        self._subsets: dict[tuple[str, tuple[str, ...]], Curves] = {}
 
     @property
     def full_compute(self) -> int:
@@ -250,7 +254,7 @@ class Experiment:
 
     def group(self, trial_id: str) -> str:
         """The group key (configuration) of a trial."""
-        return str(self.store.metadata(trial_id)["group"])
+        return self._group[trial_id]
 
     def _start_order(self, seed: int | None, shuffle: Shuffle) -> list[str]:
         if seed is None:
@@ -278,7 +282,7 @@ class Experiment:
             )
         if selection not in ("naive", "posthoc"):
             raise ValueError(f"selection must be 'naive' or 'posthoc', got {selection!r}")
-        kept = [self._cut(c, replay) for c in self.curves.values()]
+        kept = [k for c in self.curves.values() if (k := self._cut(c, replay)) is not None]
         summaries = [summarise(c, self._transforms, self.select_by, self.metrics) for c in kept]
         row = table_row(summaries, name, self.metrics)
         return {
@@ -287,10 +291,17 @@ class Experiment:
             **{f"test/{m}": row[f"{selection}/test/{m}"] for m in self.metrics},
         }
 
-    def _cut(self, curves: Curves, replay: Replay | None) -> Curves:
+    def _cut(self, curves: Curves, replay: Replay | None) -> Curves | None:
+        """A configuration's curves as far as its members ran; None if none started. A
+        configuration that ran some of its seeds (a seed schedule) is the ensemble of those."""
         if replay is None:
             return curves
-        ran = {m: replay.epochs.get(m, 0) for m in curves.members}
+        started = [m for m in curves.members if replay.epochs.get(m, 0) > 0]
+        if not started:
+            return None
+        if len(started) < len(curves.members):
+            curves = self._of_members(curves, started)
+        ran = {m: replay.epochs[m] for m in curves.members}
         if all(ran[m] >= self.max_epochs[m] for m in curves.members):
             return curves
         cut = copy.copy(curves)
@@ -307,6 +318,27 @@ class Experiment:
         cut.naive_ens = {}
         naive_ensembles(self.store, cut, self.select_by, self.ensemble)
         return cut
+
+    def _of_members(self, curves: Curves, members: list[str]) -> Curves:
+        """The curves of a configuration's ensemble of ``members`` only (scored once)."""
+        key = (curves.group, tuple(members))
+        if key not in self._subsets:
+            part = scan(
+                self.store,
+                curves.group,
+                members,
+                curves.config,
+                self._transforms,
+                self.ensemble,
+                self.metrics,
+            )
+            naive_ensembles(self.store, part, self.select_by, self.ensemble)
+            self._subsets[key] = part
+        return self._subsets[key]
+
+    def seed(self, trial_id: str) -> int:
+        """A trial's seed (its value at the experiment's seed key)."""
+        return int(self._seed[trial_id])
 
     def _single(self, transform: str, trial_id: str) -> dict[int, dict[str, float]]:
         return self.curves[self.group(trial_id)].single[transform][trial_id]
@@ -441,19 +473,45 @@ class _Cluster:
     ) -> None:
         self._experiment = experiment
         self._scheduler = scheduler
-        self._trials = {  # insertion order: the order trials are added and started in
-            m: Trial("replay", config=experiment.configs[m], trial_id=m, stub=True)
-            for m in start_order
-        }
+        # A seed schedule starts each configuration's first seeds; the others wait in
+        # seed order until the scheduler wants them (as PostHocSearch adds them).
+        seeds = scheduler.seeds if isinstance(scheduler, PostHocASHA) else None
+        self._reserve: dict[str, list[str]] = {}
+        for m in start_order:
+            self._reserve.setdefault(experiment.group(m), []).append(m)
+        first = []
+        for members in self._reserve.values():
+            members.sort(key=experiment.seed)
+            n = len(members) if seeds is None else seeds[0]
+            first += members[:n]
+            del members[:n]
+        self._trials: dict[str, Trial] = {}  # insertion order: the order trials were added
         self._last: dict[str, dict[str, Any]] = {}
         self._controller: Any = cast(Any, self)  # what schedulers take for the controller
         self._stopping: set[str] = set()
         self.epochs: dict[str, int] = {m: 0 for m in experiment.trials}
         self.order: list[tuple[str, int]] = []
         self.pauses = 0
+        for m in sorted(first, key=start_order.index):
+            self._add(m)
+
+    def _add(self, trial_id: str) -> None:
+        config = self._experiment.configs[trial_id]
+        trial = Trial("replay", config=config, trial_id=trial_id, stub=True)
+        self._trials[trial_id] = trial
         with _quiet():
-            for trial in self._trials.values():
-                scheduler.on_trial_add(self._controller, trial)
+            self._scheduler.on_trial_add(self._controller, trial)
+
+    def _grow(self, trial_id: str) -> None:
+        """Add the seeds the scheduler now wants for the group of ``trial_id``."""
+        reserve = self._reserve[self._experiment.group(trial_id)]
+        if not reserve:
+            return
+        assert isinstance(self._scheduler, PostHocASHA)
+        wanted = self._scheduler.seeds_wanted(trial_id) or 0
+        members = len(self._experiment.curves[self._experiment.group(trial_id)].members)
+        while reserve and members - len(reserve) < wanted:
+            self._add(reserve.pop(0))
 
     # -- what schedulers call ---------------------------------------------------------------
 
@@ -533,7 +591,13 @@ class _Cluster:
             self._feed(trial_id, epoch)
 
     def _feed(self, trial_id: str, epoch: int) -> bool:
-        """One result; returns whether the trial goes on."""
+        """One result; returns whether the trial goes on. A decision it brings about may want
+        more seeds of the trial's configuration: they are added, pending."""
+        goes_on = self._result(trial_id, epoch)
+        self._grow(trial_id)
+        return goes_on
+
+    def _result(self, trial_id: str, epoch: int) -> bool:
         trial = self._trials[trial_id]
         result = self._experiment.result(trial_id, epoch)
         self.order.append((trial_id, epoch))

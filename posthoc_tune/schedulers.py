@@ -20,9 +20,10 @@ results.
 
 from __future__ import annotations
 
+import itertools
 import os
 import warnings
-from collections.abc import Mapping, Set
+from collections.abc import Mapping, Sequence, Set
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -34,7 +35,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from posthoc_tune._component import Context, Ensembles, on_group_key
 from posthoc_tune._policies import GroupPolicy, RungPolicy, RungValue, Settings, TrialPolicy
 from posthoc_tune.ensemble import EnsembleEvaluator
-from posthoc_tune.groups import check_seed_key
+from posthoc_tune.groups import Status, check_seed_key
 from posthoc_tune.keys import Objective, check_objective
 from posthoc_tune.store import PredictionStore
 
@@ -84,6 +85,16 @@ class PostHocASHA(FIFOScheduler):
             until the slowest reaches the rung). A member is paused only on a result that
             carries a checkpoint (``PostHocReporter(checkpoint=...)``): Tune restarts a
             function trainable without one from scratch, so it runs ahead, with a warning.
+        seeds: group keys: a seed schedule, the members a group needs at each rung (the
+            last entry for every later rung), e.g. ``(1, 2, 4)``: a configuration starts as
+            one seed, is judged at the first rung on it alone, gains a seed when it passes
+            and is judged at the second rung on two, and so on, so only configurations that
+            survive pay for their ensembles. All groups at a rung have the same number of
+            members, so each is compared with its like. A searcher must add the seeds
+            (:class:`PostHocSearch`, linked by one :class:`PostHocCallback`; a replay does it
+            itself): :meth:`seeds_wanted` says how many. New seeds train from epoch 1 (SWA
+            needs the whole trajectory); members ahead wait paused (``run_ahead``). None:
+            a group is every trial Tune creates for it, from the start.
         store: where group keys read members' predictions: a :class:`PredictionStore`, an
             experiment path or URI, or None for the experiment's own storage (found from the
             trials). Per-trial keys never read the store.
@@ -103,6 +114,7 @@ class PostHocASHA(FIFOScheduler):
         ensemble: Combiner = "logits",
         stop_last_trials: bool = True,
         run_ahead: int | None = 1,
+        seeds: Sequence[int] | None = None,
         store: PredictionStore | str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__()
@@ -129,6 +141,8 @@ class PostHocASHA(FIFOScheduler):
             isinstance(run_ahead, bool) or not isinstance(run_ahead, int) or run_ahead < 0
         ):
             raise ValueError(f"run_ahead must be an int >= 0 or None, got {run_ahead!r}")
+        if seeds is not None:
+            seeds = _check_seeds(seeds)
         self._metric = metric
         self._mode = mode
         self._settings = Settings(
@@ -140,6 +154,7 @@ class PostHocASHA(FIFOScheduler):
             rung_value,
             stop_last_trials,
             run_ahead,
+            seeds,
         )
         self.seed_key = seed_key
         self.ensemble: Combiner = ensemble
@@ -167,6 +182,26 @@ class PostHocASHA(FIFOScheduler):
     @property
     def group_size(self) -> None:
         """None: every trial Tune creates joins its group at once."""
+        return None
+
+    @property
+    def seeds(self) -> tuple[int, ...] | None:
+        """The seed schedule (``seeds=``), None without one."""
+        return self._settings.seeds
+
+    def seeds_wanted(self, trial_id: str) -> int | None:
+        """How many members the seed group of ``trial_id`` should have now under the seed
+        schedule: a searcher adds seeds up to it. None without a schedule."""
+        if isinstance(self._policy, GroupPolicy):
+            return self._policy.seeds_wanted(trial_id)
+        return None
+
+    def member_status(self, trial_id: str) -> Status | None:
+        """A seed group member's status (live, done or error) as the scheduler knows it; None
+        for per-trial keys and unknown trials. Tune re-adds finished trials to schedulers on
+        a restore, but never tells searchers: a searcher learns them here."""
+        if isinstance(self._policy, GroupPolicy):
+            return self._policy.member_status(trial_id)
         return None
 
     @property
@@ -218,6 +253,12 @@ class PostHocASHA(FIFOScheduler):
         objective = Objective.parse(self._metric, self._mode)
         if objective.transform.ens:
             return GroupPolicy(objective, self._settings, self.seed_key, self._ensembles)
+        if self._settings.seeds is not None:
+            raise ValueError(
+                f"seeds={self._settings.seeds} grows seed groups judged on their ensemble, but "
+                f"{self._metric!r} is a per-trial key: use a group key (e.g. "
+                f"'val/swa+ens+ts/nll'), or no seed schedule"
+            )
         return TrialPolicy(objective, self._settings)
 
     def _ready(self) -> RungPolicy:
@@ -332,3 +373,17 @@ class PostHocASHA(FIFOScheduler):
 
 def _is_real(value: object) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _check_seeds(seeds: Sequence[int]) -> tuple[int, ...]:
+    """A seed schedule: a non-empty, non-decreasing sequence of ints >= 1."""
+    values = tuple(seeds) if isinstance(seeds, Sequence) and not isinstance(seeds, str) else ()
+    ok = values and all(
+        isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1 for n in values
+    )
+    if not ok or any(b < a for a, b in itertools.pairwise(values)):
+        raise ValueError(
+            f"seeds must be a non-empty, non-decreasing sequence of ints >= 1 (members per "
+            f"rung), got {seeds!r}"
+        )
+    return tuple(int(n) for n in values)

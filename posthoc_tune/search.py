@@ -62,6 +62,7 @@ class _Configuration:
     values: dict[int, float] = field(default_factory=dict)  # scored epochs
     key: str | None = None  # the reporter's group key, read once from the store
     told: bool = False
+    scored_with: tuple[str, ...] = ()  # the members ``values`` were scored with
 
 
 class PostHocSearch(Searcher):
@@ -75,7 +76,13 @@ class PostHocSearch(Searcher):
             members, per-trial keys on the mean over members. May come from ``TuneConfig``.
         mode: ``"min"`` or ``"max"``; may come from ``TuneConfig``.
         n_seeds: K, the seeds (ensemble members) per configuration; ``num_samples`` must be
-            configurations x K.
+            configurations x K. With a linked PostHocASHA's seed schedule (``seeds=``), the
+            most seeds a configuration can earn: it starts with the schedule's first entry and
+            gains seeds as the scheduler asks (:meth:`PostHocASHA.seeds_wanted`).
+        n_configs: the configurations to propose, after which the search finishes once every
+            one has ended; None: as many as ``num_samples`` allows. With a seed schedule the
+            number of trials depends on the seeds configurations earn: set this and
+            ``num_samples=-1``.
         seed_key: the config key (or "a/b" path, e.g. ``"train_loop_config/seed"``)
             receiving the seed; it must not be in the space.
         sampler: an Optuna sampler; default ``TPESampler(seed=0)``.
@@ -104,6 +111,7 @@ class PostHocSearch(Searcher):
         metric: str | None = None,
         mode: str | None = None,
         n_seeds: int = 4,
+        n_configs: int | None = None,
         seed_key: str = "seed",
         sampler: optuna.samplers.BaseSampler | None = None,
         objective: Objective = "best",
@@ -116,6 +124,10 @@ class PostHocSearch(Searcher):
         check_objective(metric, mode)
         if isinstance(n_seeds, bool) or not isinstance(n_seeds, int) or n_seeds < 1:
             raise ValueError(f"n_seeds must be an int >= 1, got {n_seeds!r}")
+        if n_configs is not None and (
+            isinstance(n_configs, bool) or not isinstance(n_configs, int) or n_configs < 1
+        ):
+            raise ValueError(f"n_configs must be an int >= 1 or None, got {n_configs!r}")
         check_seed_key(seed_key)
         if sampler is not None and not isinstance(sampler, optuna.samplers.BaseSampler):
             raise TypeError(f"sampler must be an optuna sampler, got {type(sampler).__name__}")
@@ -127,6 +139,7 @@ class PostHocSearch(Searcher):
             raise TypeError(f"storage must be an Optuna storage URL or object, got {storage!r}")
         super().__init__(metric=metric, mode=mode)
         self.n_seeds = n_seeds
+        self.n_configs = n_configs
         self.seed_key = seed_key
         self.objective: Objective = objective
         self.ensemble: Combiner = ensemble
@@ -167,9 +180,10 @@ class PostHocSearch(Searcher):
         return on_group_key(self)
 
     @property
-    def group_size(self) -> int:
-        """K: each configuration's members are created one by one, as Tune asks."""
-        return self.n_seeds
+    def group_size(self) -> int | None:
+        """K: each configuration's members are created one by one, as Tune asks (None under
+        a seed schedule: a configuration has the seeds it earned)."""
+        return None if self._schedule() is not None else self.n_seeds
 
     @property
     def study(self) -> optuna.Study:
@@ -199,8 +213,38 @@ class PostHocSearch(Searcher):
         return frozenset()
 
     def attach(self, context: Context) -> None:
-        """Learn the callback's other components: a group one of them pruned is told PRUNED."""
+        """Learn the callback's other components: a group one of them pruned is told PRUNED,
+        and a scheduler's seed schedule says how many seeds each configuration gets."""
+        seeds = context.seeds
+        if seeds is not None and max(seeds) > self.n_seeds:
+            raise ValueError(
+                f"the scheduler's seed schedule {seeds} asks for up to {max(seeds)} seeds, but "
+                f"PostHocSearch(n_seeds={self.n_seeds}) creates at most {self.n_seeds}"
+            )
         self._context = context
+
+    def _schedule(self) -> tuple[int, ...] | None:
+        return None if self._context is None else self._context.seeds
+
+    def _expected(self, config: _Configuration) -> int:
+        """The members a configuration should have now: K, or what the seed schedule wants
+        for it (at most K)."""
+        if self._schedule() is None or self._context is None or not config.group.members:
+            return self.n_seeds
+        wanted = self._context.seeds_wanted(next(iter(config.group.members)))
+        return min(self.n_seeds, max(wanted or 0, len(config.group.members)))
+
+    def _growth(self) -> list[tuple[int, int]]:
+        """(configuration, seed) for the seeds a seed schedule wants and no trial has yet,
+        the configurations that passed a rung first in the order they were proposed."""
+        if self._schedule() is None:
+            return []
+        return [
+            (config.number, seed)
+            for config in self._configs.values()
+            if not config.told and config.group.members
+            for seed in range(len(config.group.members), self._expected(config))
+        ]
 
     def attach_evaluator(self, evaluator: EnsembleEvaluator) -> None:
         """Evaluate group keys with ``evaluator`` (PostHocCallback's, on the experiment's
@@ -211,7 +255,13 @@ class PostHocSearch(Searcher):
         self, metric: str | None, mode: str | None, config: dict[str, Any], **spec: Any
     ) -> bool:
         num_samples = spec.get("num_samples")
-        if isinstance(num_samples, int) and num_samples > 0 and num_samples % self.n_seeds:
+        bounded = self.n_configs is None  # else the searcher bounds the search itself
+        if (
+            bounded
+            and isinstance(num_samples, int)
+            and num_samples > 0
+            and num_samples % self.n_seeds
+        ):
             raise ValueError(
                 f"num_samples={num_samples} is not a multiple of n_seeds={self.n_seeds}: each "
                 f"configuration runs as {self.n_seeds} trials, so set num_samples = "
@@ -265,11 +315,20 @@ class PostHocSearch(Searcher):
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         if not self._queue:
+            self._queue = self._growth()
+        if not self._queue:
+            if self.n_configs is not None and len(self._configs) >= self.n_configs:
+                self._reconcile()
+                done = all(c.told for c in self._configs.values())
+                if done:  # Ray's annotation omits the sentinel it documents and handles
+                    return Searcher.FINISHED  # type: ignore[return-value]
+                return None  # seeds may still be wanted
             trial = self._ensure_study().ask(fixed_distributions=self._space)
             self._configs[trial.number] = _Configuration(
                 trial.number, trial._trial_id, dict(trial.params)
             )
-            self._queue = [(trial.number, seed) for seed in range(self.n_seeds)]
+            first = self.n_seeds if (seeds := self._schedule()) is None else seeds[0]
+            self._queue = [(trial.number, seed) for seed in range(first)]
         number, seed = self._queue.pop(0)
         config = self._configs[number]
         config.group.join(trial_id)
@@ -292,8 +351,25 @@ class PostHocSearch(Searcher):
             self._record(config, trial_id, result)
         config.group.members[trial_id].status = ERROR if error else DONE
         self._score_ready_epochs(config)
-        if len(config.group.members) == self.n_seeds and not config.group.ids(LIVE):
+        if len(config.group.members) >= self._expected(config) and not config.group.ids(LIVE):
             self._tell(config)
+
+    def _reconcile(self) -> None:
+        """End the members a linked scheduler knows ended: after a restore, Tune re-adds
+        the trials that finished before the driver stopped to schedulers but tells searchers
+        nothing, and this searcher's last saved state may predate their end."""
+        if self._context is None:
+            return
+        for config in self._configs.values():
+            if config.told:
+                continue
+            for trial_id, member in config.group.members.items():
+                status = self._context.member_status(trial_id)
+                if member.status == LIVE and status in (DONE, ERROR):
+                    member.status = status
+            self._score_ready_epochs(config)
+            if len(config.group.members) >= self._expected(config) and not config.group.ids(LIVE):
+                self._tell(config)
 
     # -- scoring ----------------------------------------------------------------------------
 
@@ -319,14 +395,18 @@ class PostHocSearch(Searcher):
 
     def _score_ready_epochs(self, config: _Configuration) -> None:
         """Score, in order, each epoch that every member has reached (failed members
-        excluded), once all K members have started. Epochs that a member stopped before are
-        never scored: an ensemble of fewer members is a different model."""
-        if len(config.group.members) < self.n_seeds:
+        excluded), once all the members it should have (K, or what the seed schedule wants)
+        have started. Epochs that a member stopped before are never scored: an ensemble of
+        fewer members is a different model. A member joining (a seed earned) rescores."""
+        if len(config.group.members) < self._expected(config):
             return
+        members = config.group.ids(LIVE, DONE)
+        if tuple(members) != config.scored_with:
+            config.values, config.scored_with = {}, tuple(members)
         epochs = range(max(config.values, default=0) + 1, config.group.common_epoch() + 1)
         if not epochs:
             return
-        curve = self._curve(config, config.group.ids(LIVE, DONE), epochs)
+        curve = self._curve(config, members, epochs)
         for epoch in epochs:
             config.values[epoch] = curve.get(epoch, math.nan)
             self._report(config, epoch)
@@ -349,8 +429,10 @@ class PostHocSearch(Searcher):
         return curve
 
     def _report(self, config: _Configuration, epoch: int) -> None:
+        """Report an epoch's value to the Optuna trial; not under a seed schedule, where a
+        later seed would change values already reported (the objective is told at the end)."""
         value = config.values[epoch]
-        if math.isfinite(value):
+        if math.isfinite(value) and self._schedule() is None:
             optuna.trial.Trial(self.study, config.storage_id).report(value, step=epoch)
 
     def _tell(self, config: _Configuration) -> None:
@@ -358,7 +440,7 @@ class PostHocSearch(Searcher):
         value = self._objective_of(config.values)
         if self._context is not None and self._context.pruned(config.group.members):
             self.study.tell(config.number, state=optuna.trial.TrialState.PRUNED)
-        elif not math.isfinite(value) or len(config.group.ids(ERROR)) == self.n_seeds:
+        elif not math.isfinite(value) or not config.group.ids(LIVE, DONE):
             self.study.tell(config.number, state=optuna.trial.TrialState.FAIL)
         else:
             self.study.tell(config.number, value)

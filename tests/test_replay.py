@@ -189,6 +189,45 @@ def test_members_of_a_cut_group_train_at_most_run_ahead_epochs_past_its_rung(
     assert free_past > 0 and paused > 0  # the setting is one where members do run ahead
 
 
+def test_a_seed_schedule_starts_seeds_only_when_the_scheduler_wants_them(
+    experiment: Experiment, tmp_path: Path
+) -> None:
+    schedule = (1, 2)  # rungs 1, 2, 4 (grace 1, rf 2): one seed at the first, two after
+    for seed in range(4):
+        scheduler = PostHocASHA(
+            metric="val/swa+ens+ts/nll",
+            mode="min",
+            max_t=EPOCHS,
+            reduction_factor=2,
+            seeds=schedule,
+        )
+        replay = experiment.replay(scheduler, concurrency=3, seed=seed)
+        decisions = scheduler.decisions
+        for _, row in decisions.iterrows():
+            assert row["n_members"] == schedule[min([1, 2, 4].index(row["milestone"]), 1)]
+        cut = decisions[decisions["decision"] == "STOP"].set_index("arm")["milestone"]
+        for group, curves in experiment.curves.items():
+            first, second = sorted(curves.members, key=experiment.seed)
+            if cut.get(group) == 1:  # lost on its one seed: the second never started
+                assert replay.epochs[second] == 0 and replay.epochs[first] == 1
+            else:  # the second seed started once the first passed rung 1
+                assert replay.order.index((second, 1)) > replay.order.index((first, 1))
+        assert replay.compute < experiment.full_compute
+
+        # Selection uses the ensemble of the seeds each configuration earned: as the table
+        # of a store holding only what ran says.
+        ran = _cut_copy(experiment, replay.epochs, tmp_path / f"cut{seed}")
+        store = PredictionStore.open(ran)
+        for trial, epochs in replay.epochs.items():
+            if epochs == 0:
+                store.delete_trial(trial)
+        table = selection_table(ran, ["swa+ens+ts"], over="configs+epochs", select_by="nll")
+        got = experiment.select(replay, "swa+ens+ts")
+        row = table.loc["swa+ens+ts"]
+        assert got["test/nll"] == pytest.approx(row["posthoc/test/nll"], rel=1e-9)
+        assert got["epoch"] == row["posthoc/epoch"]
+
+
 def test_bad_arguments(experiment: Experiment) -> None:
     with pytest.raises(ValueError, match="concurrency must be an int >= 1, got 0"):
         experiment.replay(None, concurrency=0)

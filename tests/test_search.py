@@ -184,6 +184,7 @@ def test_groups_pruned_by_posthoc_asha_are_told_pruned(run_tune: Any) -> None:
         ({"sampler": "tpe"}, TypeError, "sampler must be an optuna sampler"),
         ({"space": {"x": tune.uniform(0, 1), "seed": 1}}, ValueError, "contains the seed key"),
         ({"seed_key": "run/"}, ValueError, "without empty levels, got 'run/'"),
+        ({"n_configs": 0}, ValueError, "n_configs must be an int >= 1 or None, got 0"),
     ],
 )
 def test_bad_arguments_get_clear_errors(
@@ -206,6 +207,20 @@ def test_bad_tune_setups_get_clear_errors() -> None:
     assert suggested is not None and set(suggested) == {"x", "seed"}
     with pytest.raises(RuntimeError, match=r"reads the prediction store: add PostHocCallback"):
         group.on_trial_result("t0", {"epoch": 1, GROUP_KEY: math.nan})
+
+
+def test_a_seed_schedule_needs_a_searcher_with_enough_seeds() -> None:
+    scheduler = PostHocASHA(metric=GROUP_KEY, mode="min", seeds=(1, 2, 4))
+    with pytest.raises(ValueError, match=r"grows seed groups, which only a searcher can do"):
+        PostHocCallback(scheduler).setup()
+    search = PostHocSearch(metric=GROUP_KEY, mode="min", n_seeds=3)
+    with pytest.raises(ValueError, match=r"asks for up to 4 seeds, but .*n_seeds=3"):
+        PostHocCallback(scheduler, search).setup()
+    for bad in ((), (2, 1), (0, 1), (1.5,), "12"):
+        with pytest.raises(ValueError, match="seeds must be a non-empty, non-decreasing"):
+            PostHocASHA(metric=GROUP_KEY, mode="min", seeds=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'val/swa\\+ts/nll' is a per-trial key"):
+        PostHocASHA(metric="val/swa+ts/nll", mode="min", seeds=(1, 2))
 
 
 def test_a_seed_key_path_puts_the_seed_inside_the_nested_config() -> None:
@@ -305,3 +320,124 @@ def test_restore_mid_search_keeps_history_and_pending_groups(
     groups = _groups(results).groupby("x")["seed"].apply(sorted)
     assert sorted(groups.index) == sorted(t.params["x"] for t in trials)
     assert all(seeds == [0, 1] for seeds in groups)
+
+
+# -- seeds as a budget -------------------------------------------------------------------------
+
+SCHEDULE = (1, 2, 3)  # members at the rungs 1, 2 and 4 (= max_t) with grace 1, rf 2
+
+
+def _seed_budget(run_tune: Any, points: list[dict[str, Any]], **run: Any) -> tuple[Any, ...]:
+    search = PostHocSearch(
+        metric=GROUP_KEY, mode="min", n_seeds=3, n_configs=len(points), points_to_evaluate=points
+    )
+    scheduler = PostHocASHA(
+        metric=GROUP_KEY,
+        mode="min",
+        max_t=EPOCHS,
+        grace_period=1,
+        reduction_factor=2,
+        seeds=SCHEDULE,
+        run_ahead=None,  # the synthetic trials report no checkpoints
+    )
+    results = run_tune(
+        synthetic,
+        {"x": tune.uniform(0.0, 1.0)},
+        tune_config={"search_alg": search, "scheduler": scheduler, "num_samples": -1},
+        run_config={"callbacks": [PostHocCallback(scheduler, search)], **run},
+    )
+    return results, search, scheduler
+
+
+def test_a_seed_schedule_gives_seeds_only_to_configurations_that_pass_rungs(
+    run_tune: Any,
+) -> None:
+    points = [{"x": 0.8}, {"x": 0.2}, {"x": 0.65}, {"x": 0.35}]  # the post-hoc best first
+    results, search, scheduler = _seed_budget(run_tune, points)
+    assert not results.errors
+    groups = _groups(results)
+    seeds = groups.groupby("x")["seed"].apply(sorted)
+    # The seeds of a configuration are trials with identical hyperparameters and seeds
+    # 0, 1, ...: one group each, as many as the rungs it passed earned.
+    assert sorted(seeds.index) == sorted(p["x"] for p in points)
+    assert all(s == list(range(len(s))) for s in seeds)
+    store = PredictionStore.open(results.experiment_path)
+    keys = groups.assign(group=[store.metadata(t)["group"] for t in groups["trial_id"]])
+    assert (keys.groupby("x")["group"].nunique() == 1).all()
+    decisions = scheduler.decisions
+    milestones = [1, 2, 4]
+    # Every rung compares like with like: a group judged at rung k had SCHEDULE[k] members.
+    for _, row in decisions.iterrows():
+        assert row["n_members"] == SCHEDULE[milestones.index(row["milestone"])]
+    lost = decisions[decisions["decision"] == "STOP"]
+    for x, s in seeds.items():
+        group = keys[keys["x"] == x]["group"].iloc[0]
+        cut = lost[lost["arm"] == group]["milestone"]
+        earned = SCHEDULE[milestones.index(cut.iloc[0])] if len(cut) else SCHEDULE[-1]
+        assert len(s) == earned, (x, s, cut)
+    assert len(seeds[0.8]) == 3 and len(groups) < 3 * len(points)  # some were never trained
+
+    # The leaderboard ranks configurations by the ensemble of the seeds they earned,
+    # recomputed here from the store by the brute-force pipeline.
+    y = store.labels("val")
+    board = pht.leaderboard(results, metric=GROUP_KEY).set_index("config/x")
+    assert board.index[0] == 0.8
+    for x, s in seeds.items():
+        ids = list(groups[groups["x"] == x]["trial_id"])
+        common = min(len(store.epochs(t)) for t in ids)
+        per_epoch = {}
+        for epoch in range(1, common + 1):
+            swa = [store.read(t, epoch, "val", "swa") for t in ids]
+            per_epoch[epoch] = ref.nll(ref.ensemble(swa, swa, y)[0], y)
+        assert board.loc[x, "n_members"] == len(s)
+        best = min(per_epoch.values())
+        assert board.loc[x, GROUP_KEY] == pytest.approx(best, rel=1e-3, abs=1e-5)
+    # Optuna is told each configuration once it ended, on the members it earned.
+    told = {t.params["x"]: t for t in search.study.get_trials()}
+    assert told[0.8].state == optuna.trial.TrialState.COMPLETE
+    assert {t.state for x, t in told.items() if len(seeds[x]) < 3} <= {
+        optuna.trial.TrialState.PRUNED
+    }
+
+
+def test_a_seed_schedule_survives_tuner_restore(
+    ray_session: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "0")  # checkpoint the experiment every step
+    points = [{"x": 0.8}, {"x": 0.2}, {"x": 0.65}, {"x": 0.35}]
+    search = PostHocSearch(
+        metric=GROUP_KEY, mode="min", n_seeds=3, n_configs=len(points), points_to_evaluate=points
+    )
+    scheduler = PostHocASHA(
+        metric=GROUP_KEY,
+        mode="min",
+        max_t=EPOCHS,
+        grace_period=1,
+        reduction_factor=2,
+        seeds=SCHEDULE,
+        run_ahead=None,
+    )
+    tuner = tune.Tuner(
+        synthetic,
+        param_space={"x": tune.uniform(0.0, 1.0)},
+        tune_config=tune.TuneConfig(
+            search_alg=search, scheduler=scheduler, num_samples=-1, time_budget_s=180
+        ),
+        run_config=tune.RunConfig(
+            name="exp",
+            storage_path=str(tmp_path / "ray"),
+            verbose=0,
+            callbacks=[PostHocCallback(scheduler, search), Interrupt(tmp_path / "crashed", 2)],
+        ),
+    )
+    with pytest.raises(Exception, match="simulated driver crash"):
+        tuner.fit()
+    path = str(tmp_path / "ray" / "exp")
+    results = tune.Tuner.restore(path, synthetic, resume_unfinished=True).fit()
+    assert not results.errors
+    # No configuration was lost or proposed twice, and no seed was created twice or skipped:
+    # each configuration has seeds 0, 1, ... as many as one of the schedule's counts.
+    seeds = _groups(results).groupby("x")["seed"].apply(sorted)
+    assert sorted(seeds.index) == sorted(p["x"] for p in points)
+    assert all(s == list(range(len(s))) and len(s) in SCHEDULE for s in seeds)
+    assert len(seeds[0.8]) == 3  # the post-hoc best earned every seed
