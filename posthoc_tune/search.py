@@ -221,6 +221,11 @@ class PostHocSearch(Searcher):
                 f"the scheduler's seed schedule {seeds} asks for up to {max(seeds)} seeds, but "
                 f"PostHocSearch(n_seeds={self.n_seeds}) creates at most {self.n_seeds}"
             )
+        if seeds is not None and self.n_configs is None:
+            raise ValueError(
+                f"with a seed schedule ({seeds}) the number of trials depends on the seeds "
+                f"configurations earn: pass PostHocSearch(n_configs=...) and num_samples=-1"
+            )
         self._context = context
 
     def _schedule(self) -> tuple[int, ...] | None:

@@ -213,8 +213,11 @@ def test_a_seed_schedule_needs_a_searcher_with_enough_seeds() -> None:
     scheduler = PostHocASHA(metric=GROUP_KEY, mode="min", seeds=(1, 2, 4))
     with pytest.raises(ValueError, match=r"grows seed groups, which only a searcher can do"):
         PostHocCallback(scheduler).setup()
-    search = PostHocSearch(metric=GROUP_KEY, mode="min", n_seeds=3)
+    search = PostHocSearch(metric=GROUP_KEY, mode="min", n_seeds=3, n_configs=2)
     with pytest.raises(ValueError, match=r"asks for up to 4 seeds, but .*n_seeds=3"):
+        PostHocCallback(scheduler, search).setup()
+    search = PostHocSearch(metric=GROUP_KEY, mode="min", n_seeds=4)
+    with pytest.raises(ValueError, match=r"pass PostHocSearch\(n_configs=...\)"):
         PostHocCallback(scheduler, search).setup()
     for bad in ((), (2, 1), (0, 1), (1.5,), "12"):
         with pytest.raises(ValueError, match="seeds must be a non-empty, non-decreasing"):
@@ -327,7 +330,8 @@ def test_restore_mid_search_keeps_history_and_pending_groups(
 SCHEDULE = (1, 2, 3)  # members at the rungs 1, 2 and 4 (= max_t) with grace 1, rf 2
 
 
-def _seed_budget(run_tune: Any, points: list[dict[str, Any]], **run: Any) -> tuple[Any, ...]:
+def _seed_budget_pair(points: list[dict[str, Any]]) -> tuple[PostHocSearch, PostHocASHA]:
+    """A searcher over ``points`` (up to 3 seeds each) and a scheduler with SCHEDULE."""
     search = PostHocSearch(
         metric=GROUP_KEY, mode="min", n_seeds=3, n_configs=len(points), points_to_evaluate=points
     )
@@ -340,6 +344,11 @@ def _seed_budget(run_tune: Any, points: list[dict[str, Any]], **run: Any) -> tup
         seeds=SCHEDULE,
         run_ahead=None,  # the synthetic trials report no checkpoints
     )
+    return search, scheduler
+
+
+def _seed_budget(run_tune: Any, points: list[dict[str, Any]], **run: Any) -> tuple[Any, ...]:
+    search, scheduler = _seed_budget_pair(points)
     results = run_tune(
         synthetic,
         {"x": tune.uniform(0.0, 1.0)},
@@ -405,18 +414,7 @@ def test_a_seed_schedule_survives_tuner_restore(
 ) -> None:
     monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "0")  # checkpoint the experiment every step
     points = [{"x": 0.8}, {"x": 0.2}, {"x": 0.65}, {"x": 0.35}]
-    search = PostHocSearch(
-        metric=GROUP_KEY, mode="min", n_seeds=3, n_configs=len(points), points_to_evaluate=points
-    )
-    scheduler = PostHocASHA(
-        metric=GROUP_KEY,
-        mode="min",
-        max_t=EPOCHS,
-        grace_period=1,
-        reduction_factor=2,
-        seeds=SCHEDULE,
-        run_ahead=None,
-    )
+    search, scheduler = _seed_budget_pair(points)
     tuner = tune.Tuner(
         synthetic,
         param_space={"x": tune.uniform(0.0, 1.0)},
