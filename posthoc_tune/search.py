@@ -240,8 +240,8 @@ class PostHocSearch(Searcher):
         return min(self.n_seeds, max(wanted or 0, len(config.group.members)))
 
     def _growth(self) -> list[tuple[int, int]]:
-        """(configuration, seed) for the seeds a seed schedule wants and no trial has yet,
-        the configurations that passed a rung first in the order they were proposed."""
+        """(configuration, seed) for the seeds a seed schedule wants that no trial has yet,
+        configurations in the order they were proposed."""
         if self._schedule() is None:
             return []
         return [
@@ -260,9 +260,9 @@ class PostHocSearch(Searcher):
         self, metric: str | None, mode: str | None, config: dict[str, Any], **spec: Any
     ) -> bool:
         num_samples = spec.get("num_samples")
-        bounded = self.n_configs is None  # else the searcher bounds the search itself
+        by_samples = self.n_configs is None  # else the searcher bounds the search itself
         if (
-            bounded
+            by_samples
             and isinstance(num_samples, int)
             and num_samples > 0
             and num_samples % self.n_seeds
