@@ -479,11 +479,11 @@ class _Cluster:
         self._reserve: dict[str, list[str]] = {}
         for m in start_order:
             self._reserve.setdefault(experiment.group(m), []).append(m)
-        first = []
+        first: set[str] = set()
         for members in self._reserve.values():
             members.sort(key=experiment.seed)
             n = len(members) if seeds is None else seeds[0]
-            first += members[:n]
+            first.update(members[:n])
             del members[:n]
         self._trials: dict[str, Trial] = {}  # insertion order: the order trials were added
         self._last: dict[str, dict[str, Any]] = {}
@@ -492,8 +492,9 @@ class _Cluster:
         self.epochs: dict[str, int] = {m: 0 for m in experiment.trials}
         self.order: list[tuple[str, int]] = []
         self.pauses = 0
-        for m in sorted(first, key=start_order.index):
-            self._add(m)
+        for m in start_order:
+            if m in first:
+                self._add(m)
 
     def _add(self, trial_id: str) -> None:
         config = self._experiment.configs[trial_id]
