@@ -9,7 +9,10 @@ write. ``plain eval`` is the one base-model pass over val that a loop without th
 would run anyway. Times are medians over the epochs after the first (warm-up).
 
 Run by ``benchmarks/gpu_check.sh`` on a GPU; ``--device cpu`` with small sizes checks the
-script itself (tests/test_examples.py does).
+script itself (tests/test_examples.py does). That CPU check runs in PyTorch's native kernels, in
+the default memory format: oneDNN's AVX2 1x1-convolution backward deadlocked at these ResNet
+shapes (width 4) on a 2-core AMD EPYC, spinning in its OpenMP barrier, and CPU timings are not
+what this script measures.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -40,6 +44,11 @@ def _timed(device: torch.device, fn: Callable[[], object]) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
+
+
+def _kernels(device: torch.device) -> AbstractContextManager[object]:
+    """No oneDNN on the CPU (see the module's docstring); the device's defaults elsewhere."""
+    return torch.backends.mkldnn.flags(enabled=False) if device.type == "cpu" else nullcontext()
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -67,7 +76,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     torch.manual_seed(0)
     model = resnet18(args.width, 10).to(device)
-    model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    if device.type == "cuda":  # tensor cores want NHWC; on the CPU it selects oneDNN kernels
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
 
@@ -88,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 model(chunk).float().cpu()
 
     times: dict[str, list[float]] = {"train": [], "reporter": [], "plain eval": []}
-    with tempfile.TemporaryDirectory() as store:
+    with _kernels(device), tempfile.TemporaryDirectory() as store:
         reporter = PostHocReporter(
             model,
             {"seed": 0},
