@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> tune.ResultGrid:
         reduction_factor=2,
         time_attr="epoch",  # training_iteration restarts at 1 after a Tune-level retry
         seed_key="_seed",
-        stop_last_trials=False,  # trials at max_t end on their own: Train shuts down cleanly
+        run_ahead=None,  # Tune cannot pause Train trials (their checkpoints are Train's)
     )
     trainable = torch_trainable(
         train_loop_per_worker,

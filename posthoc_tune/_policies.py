@@ -285,7 +285,7 @@ class GroupPolicy(RungPolicy):
         if self._held(arm, trial.trial_id):
             if result.get(SHOULD_CHECKPOINT):
                 return PAUSE
-            self._warn_no_checkpoint(trial.trial_id, result)
+            self._warn_no_checkpoint(trial, result)
         return CONTINUE
 
     def choose(self, tc: Any) -> Trial | None:
@@ -407,18 +407,28 @@ class GroupPolicy(RungPolicy):
         member = self._member(trial_id)
         return None if member is None else member.status
 
-    def _warn_no_checkpoint(self, trial_id: str, result: Mapping[str, Any]) -> None:
+    def _warn_no_checkpoint(self, trial: Trial, result: Mapping[str, Any]) -> None:
         if self._warned_no_checkpoint:
             return
         self._warned_no_checkpoint = True
+        where = f"{self.settings.time_attr}={result[self.settings.time_attr]}"
+        if _is_train_trial(trial, result):
+            why = (
+                "it is a Ray Train trial, which Tune cannot pause (its checkpoints belong to "
+                "the Train run, not to Tune)"
+            )
+            fix = "Pass PostHocASHA(run_ahead=None) for Ray Train trials"
+        else:
+            why = "its result carries no checkpoint, and pausing it would restart it from scratch"
+            fix = (
+                "Report a checkpoint every epoch (PostHocReporter(checkpoint=...)) to have "
+                "such members paused, or pass PostHocASHA(run_ahead=None) to let them run "
+                "ahead without this warning"
+            )
         warnings.warn(
-            f"PostHocASHA: trial {trial_id} ran past a rung its group has not decided, ahead "
-            f"of a sibling ({self.settings.time_attr}={result[self.settings.time_attr]}), but "
-            f"its result carries no checkpoint, and pausing it would restart it from scratch: "
-            f"it keeps training while its group waits to be judged, and may train past the "
-            f"rung at which the group is cut. Report a checkpoint every epoch "
-            f"(PostHocReporter(checkpoint=...)) to have such members paused, or pass "
-            f"PostHocASHA(run_ahead=None) to let them run ahead without this warning",
+            f"PostHocASHA: trial {trial.trial_id} ran past a rung its group has not decided, "
+            f"ahead of a sibling ({where}), but {why}: it keeps training while its group "
+            f"waits to be judged, and may train past the rung at which the group is cut. {fix}",
             UserWarning,
             stacklevel=4,
         )
@@ -526,3 +536,18 @@ def _best(a: float, b: float) -> float:
     if math.isnan(b):
         return a
     return max(a, b)
+
+
+def _is_train_trial(trial: Trial, result: Mapping[str, Any]) -> bool:
+    """A trial that runs a Ray Train run: posthoc_tune's ``torch_trainable``, or a Tune
+    function reporting through Ray's ``TuneReportCallback`` (its results name the Train
+    checkpoint)."""
+    from posthoc_tune.ray_train import CHECKPOINT_PATH_KEY, TorchTrial
+
+    if CHECKPOINT_PATH_KEY in result:
+        return True
+    try:
+        trainable = trial.get_trainable_cls()
+    except Exception:  # an unregistered trainable (hook-level tests): not a Train trial
+        return False
+    return isinstance(trainable, type) and issubclass(trainable, TorchTrial)

@@ -1,10 +1,10 @@
 """Where a reporter runs: outside Tune, in a Tune trial, or in a Ray Train worker of one.
 
 The reporter needs its trial's id, the experiment's store, its rank, and how to report and
-checkpoint. A Tune function trial has them from ``ray.tune``. A Ray Train worker launched from
-a Tune trial (Ray 2.60's pattern for multi-worker trials: a Tune function builds a
-``TorchTrainer`` with ``TuneReportCallback``) has neither Tune's context nor its storage, so
-the Tune function passes them in ``train_loop_config`` under :data:`TRIAL_KEY`
+checkpoint. A Tune function trial has them from ``ray.tune``. A Ray Train worker launched
+from a Tune trial (Ray 2.60's pattern for multi-worker trials: a Tune trainable builds a
+``TorchTrainer`` and forwards rank 0's reports to Tune) has neither Tune's context nor its
+storage, so the Tune trainable passes them in ``train_loop_config`` under :data:`TRIAL_KEY`
 (:func:`posthoc_tune.ray_train.with_trial`); every rank then reports through
 ``ray.train.report`` (a barrier: each rank once per epoch; Tune receives rank 0's metrics)
 and only rank 0 writes to the store.
@@ -39,6 +39,30 @@ class TrialContext:
     trial_id: str
     experiment_path: str
     filesystem: pafs.FileSystem
+    gate: Any = None  # the trial's posthoc_tune.ray_train.TrialChannel actor, if it has one
+
+
+class WriteGate:
+    """Rank 0's pace in a :func:`~posthoc_tune.ray_train.torch_trainable` trial: it writes
+    epoch ``N + 1`` only once Tune went on from epoch ``N``, as a Tune function trial does
+    (its report returns when Tune asks for the next result). A first write in a process (a
+    start, or a restart after a failure) goes at once."""
+
+    def __init__(self, channel: Any) -> None:
+        self.channel = channel
+        self.written: int | None = None  # the last epoch this process wrote
+
+    @contextlib.contextmanager
+    def writing(self, epoch: int) -> Iterator[None]:
+        """Wait for Tune, then hold the trial open while the store is written."""
+        import ray
+
+        ray.get(self.channel.acquire.remote(self.written))
+        try:
+            yield
+        finally:
+            self.channel.release.remote()
+            self.written = epoch
 
 
 @dataclass(frozen=True)
@@ -50,6 +74,11 @@ class Session:
     store: PredictionStore | None
     rank: int = 0
     world_size: int = 1
+    gate: WriteGate | None = None
+
+    def writing(self, epoch: int) -> contextlib.AbstractContextManager[None]:
+        """Around a store write: paced by the trial's gate, if it has one."""
+        return contextlib.nullcontext() if self.gate is None else self.gate.writing(epoch)
 
     @property
     def is_writer(self) -> bool:
@@ -110,7 +139,8 @@ def current_session(
             )
         rank, world_size = _train_rank()
         experiment = PredictionStore(context.filesystem, context.experiment_path, dtype=dtype)
-        session = Session("train", context.trial_id, given or experiment, rank, world_size)
+        gate = WriteGate(context.gate) if context.gate is not None and rank == 0 else None
+        session = Session("train", context.trial_id, given or experiment, rank, world_size, gate)
     elif _tune_trial_id() is not None:
         from ray import tune
 

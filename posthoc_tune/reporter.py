@@ -394,7 +394,8 @@ class PostHocReporter:
                     result.update(self._token_metrics(records))
                 result.update(extra)
                 if self.store is not None:  # before reporting: the driver may then read it
-                    self._write(logits, labels, records, result)
+                    with self.session.writing(self.epoch):
+                        self._write(logits, labels, records, result)
         if self.in_tune and self.report:
             self._report(result)
         return result

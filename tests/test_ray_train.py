@@ -21,6 +21,7 @@ from posthoc_tune.transforms import WeightAverager
 from tests import reference as ref
 
 EPOCHS, N_VAL, N_TEST = 4, 75, 61  # an odd val set: the sampler pads a shard
+STOP_AT = 2  # the scheduler's max_t in the pruning test
 GROUP_KEY = "val/swa+ens+ts/nll"
 
 
@@ -71,28 +72,29 @@ def per_worker(
         reporter.step()
 
 
-def test_multi_worker_trials_store_once_and_gather_in_row_order(run_tune: Any) -> None:
+def test_multi_worker_trials_store_once_gather_in_row_order_and_stop_when_cut(
+    run_tune: Any,
+) -> None:
     import ray.train
+    from ray.util import placement_group_table
 
-    # One rung, at max_t, and no stop there: groups are judged on their ensembles, and every
-    # Train run ends on its own. A Train run that Tune stops (ASHA stops trials at max_t too,
-    # unless stop_last_trials=False) leaves its workers' placement group reserved unless
-    # Ray's State API sees its controller die (ray[default]; this suite runs without it), and
-    # the next test would wait for CPUs forever.
+    # Every trial is stopped mid-run: groups are judged at epoch 1, and at max_t = 2, where
+    # ASHA stops its trials, while the training loops would go on to epoch 4.
     scheduler = PostHocASHA(
         metric=GROUP_KEY,
         mode="min",
-        max_t=EPOCHS,
-        grace_period=EPOCHS,
+        max_t=STOP_AT,
+        grace_period=1,
+        reduction_factor=2,
         time_attr="epoch",
-        stop_last_trials=False,
+        run_ahead=None,  # Tune cannot pause Train trials
     )
     trainable = torch_trainable(
         per_worker,
         scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.2}),
     )
     # All four trials at once (a Train run takes ~20 s to start here): 0.1 CPU for each
-    # trial's Tune function, 0.2 for each of its two workers.
+    # trial's Tune trainable, 0.2 for each of its two workers.
     results = run_tune(
         tune.with_resources(trainable, {"cpu": 0.1}),
         pht.with_seeds({"lr": tune.grid_search([0.3, 0.002])}, 2),
@@ -101,14 +103,16 @@ def test_multi_worker_trials_store_once_and_gather_in_row_order(run_tune: Any) -
     )
     assert len(results) == 4 and not results.errors
     store = PredictionStore.open(results.experiment_path)
+    assert not [p.name for p in Path(store.root).rglob("*") if ".tmp-" in p.name]
     d = _data()
     for r in results:
         trial, last = r.metrics["trial_id"], int(r.metrics["epoch"])
-        # One file per epoch, written by rank 0 alone; the stored config holds the trial's,
-        # not the context carried into the workers.
+        assert last <= STOP_AT
+        # One file per epoch up to the last result Tune processed (rank 0 writes an epoch
+        # only once Tune went on from the one before), written by rank 0 alone; the stored
+        # config holds the trial's, not the context carried into the workers.
         files = sorted(p.name for p in Path(store.root, "logits", trial).iterdir())
-        assert last == EPOCHS
-        assert files == [f"epoch_{e:06d}.parquet" for e in range(1, EPOCHS + 1)]
+        assert files == [f"epoch_{e:06d}.parquet" for e in range(1, last + 1)]
         assert TRIAL_KEY not in store.metadata(trial)["config"]
         # The gathered val logits (and rank 0's test logits) equal a single-process
         # evaluation of the checkpointed weights, which carry no DDP "module." prefix.
@@ -139,9 +143,11 @@ def test_multi_worker_trials_store_once_and_gather_in_row_order(run_tune: Any) -
         value = dict(zip(rows["key"], rows["value"], strict=True))[GROUP_KEY]
         assert value == pytest.approx(ref.nll(ref.ensemble(val, val, y)[0], y), rel=1e-3)
     decisions = scheduler.decisions
-    assert set(decisions["n_members"]) == {2} and set(decisions["decision"]) == {"FINAL"}
+    assert set(decisions["n_members"]) == {2} and "FINAL" in set(decisions["decision"])
     best = results.get_best_result(GROUP_KEY, "min", scope="all").config
     assert best is not None and best["lr"] == 0.3
+    # Every Train run was aborted or ended: no worker group keeps its placement group.
+    assert {pg["state"] for pg in placement_group_table().values()} == {"REMOVED"}
 
 
 def test_the_example_runs_with_a_small_budget(

@@ -464,6 +464,21 @@ def test_a_member_without_a_checkpoint_runs_ahead_with_one_warning(
             PostHocASHA(run_ahead=bad)  # type: ignore[arg-type]
 
 
+def test_a_ray_train_member_ahead_of_its_group_is_told_to_use_run_ahead_none(
+    group_store: PredictionStore,
+) -> None:
+    """Ray Train results (they name the Train checkpoint) carry no Tune checkpoint, and no
+    reporter option would give them one: the warning says so instead."""
+    scheduler, tc, (good,) = _scheduled(group_store, "good", run_ahead=0)
+    result = {**_result(1), "checkpoint_path": "/exp/train/good_0/checkpoint_000000"}
+    with pytest.warns(UserWarning) as warned:
+        assert scheduler.on_trial_result(tc, good[0], result) == "CONTINUE"
+    (message,) = (str(w.message) for w in warned)
+    assert "good_0 ran past a rung" in message and "a Ray Train trial, which Tune cannot" in message
+    assert message.endswith("Pass PostHocASHA(run_ahead=None) for Ray Train trials")
+    assert "PostHocReporter(checkpoint=...)" not in message
+
+
 def test_a_seed_key_path_groups_members_by_the_rest_of_their_config(
     group_store: PredictionStore,
 ) -> None:
