@@ -71,6 +71,7 @@ def main() -> None:
             scheduler=scheduler,
             num_samples=CONFIGS * SEEDS,
             max_concurrent_trials=2 * SEEDS,
+            reuse_actors=True,  # a fresh actor costs seconds of imports
         ),
         run_config=tune.RunConfig(
             name="multinode",

@@ -16,6 +16,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 import posthoc_tune as pht
 from posthoc_tune import PostHocASHA, PostHocReporter, PredictionStore
+from posthoc_tune.replay import Experiment
 from tests import reference as ref
 from tests.interrupt import Interrupt
 
@@ -157,16 +158,46 @@ def _iterations(results: Any) -> pd.DataFrame:
     )
 
 
+class Order(tune.Callback):
+    """Records results in the order Tune handed them to the scheduler."""
+
+    def __init__(self) -> None:
+        self.order: list[tuple[str, int]] = []
+
+    def on_trial_result(
+        self, iteration: int, trials: Any, trial: Any, result: dict, **_: Any
+    ) -> None:
+        self.order.append((trial.trial_id, int(result["training_iteration"])))
+
+
+def iterations_run(results: Any) -> dict[str, int]:
+    return {r.metrics["trial_id"]: r.metrics["training_iteration"] for r in results}
+
+
 def test_groups_are_decided_as_a_whole_on_values_recomputable_from_the_store(
     run_tune: Any,
 ) -> None:
-    scheduler = _scheduler()
+    """Also the replay's check against a live run on a group key (one run serves both)."""
+    scheduler, order = _scheduler(), Order()
+    kwargs = _tune_kwargs(scheduler)
+    kwargs["run_config"]["callbacks"].append(order)
     results = run_tune(
         tune.with_resources(train, {"cpu": 0.66}),  # one configuration's 3 seeds at a time
         _space([0.3, 0.003, 0.1]),
-        **_tune_kwargs(scheduler),
+        **kwargs,
     )
     assert len(results) == 9 and not results.errors
+
+    # A replay of the stored run in the live run's order makes the same decisions.
+    replay = Experiment(results.experiment_path).replay(_scheduler(), order=order.order)
+    assert replay.epochs == iterations_run(results)
+    assert replay.order == order.order
+    assert isinstance(replay.scheduler, PostHocASHA)
+    columns = ["arm", "milestone", "epoch", "decision", "n_members"]
+    pd.testing.assert_frame_equal(replay.scheduler.decisions[columns], scheduler.decisions[columns])
+    assert list(replay.scheduler.decisions["value"]) == pytest.approx(
+        list(scheduler.decisions["value"]), rel=1e-9
+    )
     store = PredictionStore.open(results.experiment_path)
     decisions = scheduler.decisions
     assert set(decisions["n_members"]) == {SEEDS}

@@ -136,6 +136,7 @@ def _search(tmp_path: Path, name: str, crash_after: int | None) -> Path:
             num_samples=3 * SEEDS,
             max_concurrent_trials=SEEDS,
             time_budget_s=180,
+            reuse_actors=True,  # a fresh actor costs seconds of imports
         ),
         run_config=tune.RunConfig(
             name=name, storage_path=str(tmp_path / "ray"), verbose=0, callbacks=callbacks

@@ -6,7 +6,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import pytest
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -314,40 +313,8 @@ def test_the_seed_key_comes_from_the_store(
 # -- against live Tune runs ---------------------------------------------------------------------
 
 
-class _Order(tune.Callback):
-    """Records results in the order Tune handed them to the scheduler."""
-
-    def __init__(self) -> None:
-        self.order: list[tuple[str, int]] = []
-
-    def on_trial_result(
-        self, iteration: int, trials: Any, trial: Any, result: dict, **_: Any
-    ) -> None:
-        self.order.append((trial.trial_id, int(result["training_iteration"])))
-
-
-def _ran(results: Any) -> dict[str, int]:
-    return {r.metrics["trial_id"]: r.metrics["training_iteration"] for r in results}
-
-
-@pytest.mark.slow
-def test_replay_makes_the_decisions_of_a_live_run_on_a_group_key(run_tune: Any) -> None:
-    scheduler, order = live._scheduler(), _Order()
-    kwargs = live._tune_kwargs(scheduler)
-    kwargs["run_config"]["callbacks"].append(order)
-    results = run_tune(
-        tune.with_resources(live.train, {"cpu": 0.66}), live._space([0.3, 0.003, 0.1]), **kwargs
-    )
-    assert not results.errors
-    replay = Experiment(results.experiment_path).replay(live._scheduler(), order=order.order)
-    assert replay.epochs == _ran(results)
-    assert replay.order == order.order
-    assert isinstance(replay.scheduler, PostHocASHA)
-    columns = ["arm", "milestone", "epoch", "decision", "n_members"]
-    pd.testing.assert_frame_equal(replay.scheduler.decisions[columns], scheduler.decisions[columns])
-    assert list(replay.scheduler.decisions["value"]) == pytest.approx(
-        list(scheduler.decisions["value"]), rel=1e-9
-    )
+# The replay of a live run on a group key is checked on test_asha_tune's group run
+# (test_groups_are_decided_as_a_whole_on_values_recomputable_from_the_store).
 
 
 @pytest.mark.slow
@@ -357,7 +324,7 @@ def test_replay_makes_the_decisions_of_a_live_run_of_stock_asha(run_tune: Any) -
             metric="val/base/nll", mode="min", max_t=live.EPOCHS, grace_period=1, reduction_factor=2
         )
 
-    order = _Order()
+    order = live.Order()
     results = run_tune(
         tune.with_resources(live.train, {"cpu": 0.66}),
         live._space([0.3, 0.003, 0.1]),
@@ -365,7 +332,7 @@ def test_replay_makes_the_decisions_of_a_live_run_of_stock_asha(run_tune: Any) -
         run_config={"callbacks": [order]},
     )
     assert not results.errors
-    ran = _ran(results)
+    ran = live.iterations_run(results)
     assert min(ran.values()) < live.EPOCHS  # ASHA stopped some trials
     replay = Experiment(results.experiment_path).replay(asha(), order=order.order)
     assert replay.epochs == ran

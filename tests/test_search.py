@@ -298,7 +298,11 @@ def test_restore_mid_search_keeps_history_and_pending_groups(
         synthetic,
         param_space={"x": tune.uniform(0.0, 1.0)},
         tune_config=tune.TuneConfig(
-            search_alg=search, num_samples=4 * 2, max_concurrent_trials=2, time_budget_s=180
+            search_alg=search,
+            num_samples=4 * 2,
+            max_concurrent_trials=2,
+            time_budget_s=180,
+            reuse_actors=True,  # a fresh actor costs seconds of imports
         ),
         run_config=tune.RunConfig(
             name="exp",
@@ -419,7 +423,11 @@ def test_a_seed_schedule_survives_tuner_restore(
         synthetic,
         param_space={"x": tune.uniform(0.0, 1.0)},
         tune_config=tune.TuneConfig(
-            search_alg=search, scheduler=scheduler, num_samples=-1, time_budget_s=180
+            search_alg=search,
+            scheduler=scheduler,
+            num_samples=-1,
+            time_budget_s=180,
+            reuse_actors=True,  # a fresh actor costs seconds of imports
         ),
         run_config=tune.RunConfig(
             name="exp",
