@@ -43,7 +43,14 @@ from ray.tune.result import RESULT_DUPLICATE
 
 from posthoc_tune._session import TRIAL_KEY, TrialContext
 
-__all__ = ["TRIAL_KEY", "TrialContext", "torch_trainable", "with_trial"]
+__all__ = [
+    "TRIAL_KEY",
+    "TorchTrial",
+    "TrialChannel",
+    "TrialContext",
+    "torch_trainable",
+    "with_trial",
+]
 
 CHECKPOINT_PATH_KEY = "checkpoint_path"
 """The result key of a Train checkpoint's path, as Ray's ``TuneReportCallback`` names it."""
