@@ -187,7 +187,7 @@ class TorchTrial(tune.Trainable):
 
         try:
             TorchTrainer(
-                type(self).train_loop_per_worker,
+                type(self).train_loop_per_worker,  # a staticmethod
                 train_loop_config=loop_config,
                 scaling_config=self.scaling_config,
                 torch_config=self.torch_config,
@@ -228,7 +228,8 @@ class TorchTrial(tune.Trainable):
 
     def cleanup(self) -> None:
         """Abort the Train run unless it ended: after rank 0's write in progress, before any
-        other (a run stopped before its first result dies with this actor instead)."""
+        other. A run stopped before its first result (its controller still unknown) fails at
+        its first write, the channel gone, or dies with this actor."""
         if self._thread.is_alive():
             controller = ray.get(self._channel.stop.remote())
             if controller is not None:
