@@ -215,3 +215,35 @@ def test_a_restarted_worker_group_resumes_the_same_swa_average(
                 rtol=1e-6,
                 atol=1e-7,
             )
+
+
+def test_the_channel_lets_rank_0_write_after_tune_went_on_and_not_after_a_stop(
+    ray_session: None,
+) -> None:
+    """TrialChannel's rules, without a Train run. A call that must stay blocked is given
+    0.3 s to return: it may not."""
+    import ray
+
+    from posthoc_tune.ray_train import TrialChannel
+
+    def blocked(ref: Any) -> bool:
+        ready, _ = ray.wait([ref], timeout=0.3)
+        return not ready
+
+    channel: Any = ray.remote(TrialChannel).remote()
+    ray.get(channel.acquire.remote(None))  # a process's first write goes at once
+    channel.release.remote()
+    channel.put.remote({"epoch": 1}, "controller")
+    assert ray.get(channel.get.remote()) == {"epoch": 1}  # Tune takes epoch 1's result
+    second = channel.acquire.remote(1)  # rank 0 would write epoch 2
+    assert blocked(second)  # Tune has not gone on from epoch 1 yet
+    channel.accept.remote(1)
+    ray.get(second)  # now it may; it is writing
+    stopping = channel.stop.remote()
+    assert blocked(stopping)  # a stop waits for the write in progress
+    channel.release.remote()
+    assert ray.get(stopping) == "controller"  # the controller to abort
+    assert blocked(channel.acquire.remote(None))  # no write after a stop, even a first
+    channel.close.remote()
+    assert ray.get(channel.get.remote()) is None  # the run ended, every result taken
+    ray.kill(channel)
